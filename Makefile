@@ -1,0 +1,36 @@
+# Two commands are all a newcomer needs: `make run` and `make test`. Both build .venv first.
+PYTHON ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+CONFIG ?= config/mailrelay.dev.toml
+
+.PHONY: install run test lint typecheck bench clean
+
+install: $(VENV)/.installed
+
+$(VENV)/.installed: pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install --quiet --upgrade pip
+	$(BIN)/pip install --quiet -e '.[test]'
+	touch $@
+
+run: install
+	$(BIN)/mailrelay --config $(CONFIG) serve
+
+test: install
+	$(BIN)/ruff check mailrelay tests scripts
+	$(BIN)/mypy
+	$(BIN)/pytest
+
+lint: install
+	$(BIN)/ruff check mailrelay tests scripts
+	$(BIN)/ruff format --check mailrelay tests scripts
+
+typecheck: install
+	$(BIN)/mypy
+
+bench: install
+	$(BIN)/python scripts/bench_submission.py
+
+clean:
+	rm -rf $(VENV) var .mypy_cache .pytest_cache .ruff_cache

@@ -1,0 +1,362 @@
+"""The `mailrelay` command: parses arguments, calls into the package, prints, sets exit codes.
+
+This is the only module that exits. User errors print one line to stderr and exit 1 (2 for a
+usage error, as argparse does); they never show a traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import getpass
+import json
+import os
+import sqlite3
+import sys
+import time
+from collections.abc import Callable, Sequence
+from typing import Any
+
+from mailrelay import config as configmod
+from mailrelay import logs, onboarding
+from mailrelay.config import Config, ConfigError
+from mailrelay.store import accounts, connect, queue
+from mailrelay.store.queue import transaction
+from mailrelay.submission.auth import hash_password
+from mailrelay.submission.handler import split_address
+
+
+class UserError(Exception):
+    """A mistake the operator can fix; printed as one line, exit status 1."""
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    parser = _parser()
+    args = parser.parse_args(argv)
+    try:
+        path = args.config or os.environ.get("MAILRELAY_CONFIG")
+        cfg = configmod.load(path)
+        status = args.func(cfg, args)
+    except (UserError, ConfigError, accounts.NotFound, accounts.AlreadyExists) as exc:
+        print(f"mailrelay: {exc}", file=sys.stderr)
+        sys.exit(1)
+    except sqlite3.Error as exc:
+        print(f"mailrelay: database error: {exc}", file=sys.stderr)
+        sys.exit(1)
+    except KeyboardInterrupt:
+        sys.exit(130)
+    sys.exit(status or 0)
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="mailrelay", description=__doc__.splitlines()[0])
+    p.add_argument("--config", metavar="PATH", help="TOML file (default: $MAILRELAY_CONFIG)")
+    sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    def cmd(
+        parent: Any, name: str, func: Callable[[Config, argparse.Namespace], int | None], h: str
+    ) -> argparse.ArgumentParser:
+        one: argparse.ArgumentParser = parent.add_parser(name, help=h, description=h)
+        one.set_defaults(func=func)
+        return one
+
+    cmd(sub, "serve", _serve, "run the service")
+    cmd(sub, "check-config", _check_config, "validate the configuration and print it")
+
+    user = sub.add_parser("user", help="submission users").add_subparsers(
+        dest="action", required=True, metavar="ACTION"
+    )
+    one = cmd(user, "add", _user_add, "add a user (its domain must exist)")
+    one.add_argument("address")
+    one.add_argument("--password-stdin", action="store_true", help="read the password from stdin")
+    _json(cmd(user, "list", _user_list, "list users"))
+    one = cmd(user, "passwd", _user_passwd, "set a user's password")
+    one.add_argument("address")
+    one.add_argument("--password-stdin", action="store_true", help="read the password from stdin")
+    cmd(user, "delete", _user_delete, "delete a user").add_argument("address")
+
+    dom = sub.add_parser("domain", help="sending domains").add_subparsers(
+        dest="action", required=True, metavar="ACTION"
+    )
+    one = _json(cmd(dom, "add", _domain_add, "add a domain and make its DKIM key"))
+    one.add_argument("domain")
+    one.add_argument("--notify", required=True, metavar="ADDRESS", help="gets bounce copies")
+    _json(cmd(dom, "records", _domain_records, "DNS records to publish")).add_argument("domain")
+    _json(cmd(dom, "check", _domain_check, "check the published records")).add_argument("domain")
+    _json(cmd(dom, "rotate-dkim", _domain_rotate, "sign with a new DKIM key")).add_argument(
+        "domain"
+    )
+    _json(cmd(dom, "list", _domain_list, "list domains"))
+
+    q = sub.add_parser("queue", help="the delivery queue").add_subparsers(
+        dest="action", required=True, metavar="ACTION"
+    )
+    _json(cmd(q, "list", _queue_list, "messages not yet delivered or bounced"))
+    _json(cmd(q, "show", _queue_show, "one message with its recipients")).add_argument("id")
+    one = cmd(q, "retry", _queue_retry, "make deferred recipients due now")
+    group = one.add_mutually_exclusive_group(required=True)
+    group.add_argument("id", nargs="?")
+    group.add_argument("--all", action="store_true")
+    cmd(q, "delete", _queue_delete, "remove a message from the queue").add_argument("id")
+    return p
+
+
+def _json(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
+    p.add_argument("--json", action="store_true", help="print JSON")
+    return p
+
+
+def _db(cfg: Config) -> sqlite3.Connection:
+    try:
+        return connect(cfg.storage.path)
+    except (OSError, sqlite3.Error) as exc:
+        raise UserError(f"cannot open database {cfg.storage.path}: {exc}") from exc
+
+
+def _print_json(value: object) -> None:
+    print(json.dumps(value, indent=2, default=str))
+
+
+def _when(ts: float | None) -> str:
+    return "-" if ts is None else time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(ts))
+
+
+# ---- service ---------------------------------------------------------------------------------
+
+
+def _serve(cfg: Config, args: argparse.Namespace) -> int:
+    from mailrelay.service import serve  # the CLI's other commands need none of its imports
+    from mailrelay.submission.tls import CertificateError
+
+    logs.setup(cfg.log)
+    try:
+        asyncio.run(serve(cfg, on_started=_print_started))
+    except CertificateError as exc:
+        raise UserError(str(exc)) from exc
+    except OSError as exc:
+        raise UserError(f"cannot start: {exc}") from exc
+    return 0
+
+
+def _print_started(service: Any) -> None:
+    cfg: Config = service.config
+    lines = [
+        f"mailrelay is listening for submission on {', '.join(map(str, cfg.submission.listen))}"
+    ]
+    if cfg.submission.implicit_tls_listen:
+        lines.append(f"  implicit TLS on {', '.join(map(str, cfg.submission.implicit_tls_listen))}")
+    if cfg.metrics.listen:
+        lines.append(f"  metrics on http://{cfg.metrics.listen}/metrics")
+    if cfg.submission.listen:
+        first = cfg.submission.listen[0]
+        conf = (
+            f" --config {sys.argv[sys.argv.index('--config') + 1]}"
+            if "--config" in sys.argv
+            else ""
+        )
+        lines += [
+            "Add a domain and a user, then send a first message:",
+            f"  .venv/bin/mailrelay{conf} domain add example.org --notify postmaster@example.org",
+            f"  .venv/bin/mailrelay{conf} user add alice@example.org",
+            f"  swaks --server {first.host}:{first.port} -tls --auth-user alice@example.org \\",
+            "        --from alice@example.org --to bob@example.net",
+        ]
+    print("\n".join(lines), file=sys.stderr, flush=True)
+
+
+def _check_config(cfg: Config, args: argparse.Namespace) -> int:
+    print(f"configuration ok: hostname={cfg.hostname} database={cfg.storage.path}")
+    return 0
+
+
+# ---- users -----------------------------------------------------------------------------------
+
+
+def _read_password(from_stdin: bool) -> str:
+    if from_stdin:
+        password = sys.stdin.readline().rstrip("\r\n")
+    else:
+        password = getpass.getpass("Password: ")
+        if getpass.getpass("Again: ") != password:
+            raise UserError("passwords do not match")
+    if len(password) < 8:
+        raise UserError("password too short: use at least 8 characters")
+    return password
+
+
+def _user_add(cfg: Config, args: argparse.Namespace) -> int:
+    if split_address(args.address) is None:
+        raise UserError(f"{args.address!r} is not an e-mail address")
+    conn = _db(cfg)
+    if accounts.get_domain(conn, args.address.rpartition("@")[2]) is None:
+        domain = args.address.rpartition("@")[2].lower()
+        raise UserError(
+            f"domain {domain} is not set up;"
+            f" first run: mailrelay domain add {domain} --notify ADDRESS"
+        )
+    hashed = hash_password(_read_password(args.password_stdin))
+    with transaction(conn):
+        accounts.add_user(conn, args.address, hashed, time.time())
+    print(f"user {args.address.lower()} added")
+    return 0
+
+
+def _user_list(cfg: Config, args: argparse.Namespace) -> int:
+    users = accounts.list_users(_db(cfg))
+    if args.json:
+        _print_json(users)
+    else:
+        for u in users:
+            print(f"{u['address']}\tadded {_when(float(str(u['created_at'])))}")
+    return 0
+
+
+def _user_passwd(cfg: Config, args: argparse.Namespace) -> int:
+    conn = _db(cfg)
+    if accounts.password_hash(conn, args.address) is None:
+        raise accounts.NotFound(f"no user {args.address.lower()}")
+    hashed = hash_password(_read_password(args.password_stdin))
+    with transaction(conn):
+        accounts.set_password(conn, args.address, hashed)
+    print(f"password of {args.address.lower()} changed")
+    return 0
+
+
+def _user_delete(cfg: Config, args: argparse.Namespace) -> int:
+    conn = _db(cfg)
+    with transaction(conn):
+        accounts.delete_user(conn, args.address)
+    print(f"user {args.address.lower()} deleted")
+    return 0
+
+
+# ---- domains ---------------------------------------------------------------------------------
+
+
+def _print_records(report: onboarding.DomainReport, as_json: bool) -> None:
+    if as_json:
+        _print_json(report.to_json())
+        return
+    print(
+        f"domain {report.domain.name}: {report.domain.state},"
+        f" bounce copies to {report.domain.notify}"
+    )
+    print("Publish these DNS records:")
+    for r in report.records:
+        print(f'  {r.name}. IN {r.type} "{r.value}"')
+
+
+def _domain_add(cfg: Config, args: argparse.Namespace) -> int:
+    domain = args.domain.lower().rstrip(".")
+    if split_address(f"postmaster@{domain}") is None:
+        raise UserError(f"{args.domain!r} is not a domain name")
+    if split_address(args.notify) is None:
+        raise UserError(f"--notify: {args.notify!r} is not an e-mail address")
+    try:
+        report = onboarding.add(_db(cfg), cfg, domain, args.notify)
+    except OSError as exc:
+        raise UserError(f"cannot write the DKIM key under {cfg.dkim.key_dir}: {exc}") from exc
+    _print_records(report, args.json)
+    if not args.json:
+        print(f"Then run: mailrelay domain check {domain}")
+    return 0
+
+
+def _domain_records(cfg: Config, args: argparse.Namespace) -> int:
+    _print_records(onboarding.records(_db(cfg), cfg, args.domain), args.json)
+    return 0
+
+
+def _domain_check(cfg: Config, args: argparse.Namespace) -> int:
+    report = asyncio.run(onboarding.check(_db(cfg), cfg, args.domain))
+    if args.json:
+        _print_json(report.to_json())
+    else:
+        for r in report.records:
+            mark = "valid  " if r.valid else "INVALID"
+            print(f"{mark} {r.record.type} {r.record.name}")
+            print(f"        expected: {r.record.value}")
+            print(f"        found:    {' | '.join(r.found) if r.found else '(nothing)'}")
+            if r.reason:
+                print(f"        why:      {r.reason}")
+        print(f"domain {report.domain}: {'valid' if report.valid else 'not valid'}")
+    return 0 if report.valid else 1
+
+
+def _domain_rotate(cfg: Config, args: argparse.Namespace) -> int:
+    report = onboarding.rotate(_db(cfg), cfg, args.domain)
+    _print_records(report, args.json)
+    return 0
+
+
+def _domain_list(cfg: Config, args: argparse.Namespace) -> int:
+    rows = accounts.list_domains(_db(cfg))
+    if args.json:
+        _print_json(
+            [
+                {"domain": d.name, "state": d.state, "notify": d.notify, "checked_at": d.checked_at}
+                for d in rows
+            ]
+        )
+    else:
+        for d in rows:
+            print(f"{d.name}\t{d.state}\tnotify {d.notify}\tchecked {_when(d.checked_at)}")
+    return 0
+
+
+# ---- queue -----------------------------------------------------------------------------------
+
+
+def _queue_list(cfg: Config, args: argparse.Namespace) -> int:
+    rows = queue.list_queue(_db(cfg))
+    if args.json:
+        _print_json(rows)
+        return 0
+    for m in rows:
+        sender = m["sender"] or "<>"
+        print(f"{m['id']}  {m['size']:>9}  {_when(float(str(m['created_at'])))}  {sender}")
+        for r in m["recipients"]:  # type: ignore[attr-defined]
+            print(f"    {r['state']:<9} {r['address']}")
+    if not rows:
+        print("queue is empty")
+    return 0
+
+
+def _queue_show(cfg: Config, args: argparse.Namespace) -> int:
+    msg = queue.show(_db(cfg), args.id)
+    if msg is None:
+        raise UserError(f"no message {args.id}")
+    if args.json:
+        _print_json(msg)
+        return 0
+    print(f"message {msg['id']} from {msg['sender'] or '<>'} ({msg['size']} bytes)")
+    print(f"  accepted {_when(float(str(msg['created_at'])))} from user {msg['auth_user'] or '-'}")
+    for r in msg["recipients"]:  # type: ignore[attr-defined]
+        print(f"  {r['address']}: {r['state']} after {r['attempts']} attempt(s)")
+        for e in r["events"]:
+            detail = " ".join(
+                f"{k}={e[k]}" for k in ("mx", "tls_protocol", "tls_cipher") if e[k] is not None
+            )
+            reply = f" ({e['reply']})" if e["reply"] else ""
+            print(f"    {_when(e['at'])} {e['event']}{reply} {detail}".rstrip())
+    return 0
+
+
+def _queue_retry(cfg: Config, args: argparse.Namespace) -> int:
+    conn = _db(cfg)
+    with transaction(conn):
+        n = queue.retry(conn, None if args.all else args.id, time.time())
+    if n == 0 and not args.all:
+        raise UserError(f"no queued recipients for message {args.id}")
+    print(f"{n} recipient(s) due now")
+    return 0
+
+
+def _queue_delete(cfg: Config, args: argparse.Namespace) -> int:
+    conn = _db(cfg)
+    with transaction(conn):
+        deleted = queue.delete(conn, args.id)
+    if not deleted:
+        raise UserError(f"no message {args.id}")
+    print(f"message {args.id.upper()} deleted")
+    return 0

@@ -1,0 +1,409 @@
+"""Configuration: embedded defaults, then one TOML file, then validation, into frozen dataclasses.
+
+Every key has a default that works on a laptop, so an empty file is valid. Unknown keys and bad
+values fail at load time with a `ConfigError` that names the key and the value, so a typo never
+surfaces hours later as a delivery failure.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import re
+import socket
+import tomllib
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal, get_args
+
+SecurityLevel = Literal["encrypt", "verify"]
+CipherProfile = Literal["ncsc-2025", "nist-800-52r2", "tls13-only"]
+InsecureAction = Literal["bounce", "defer"]
+LogFormat = Literal["kv", "json"]
+DkimAlgorithm = Literal["rsa", "rsa+ed25519"]
+
+
+class ConfigError(Exception):
+    """The configuration cannot be used; the message names the key and the bad value."""
+
+
+@dataclass(frozen=True)
+class ListenAddress:
+    host: str
+    port: int
+
+    def __str__(self) -> str:
+        return f"[{self.host}]:{self.port}" if ":" in self.host else f"{self.host}:{self.port}"
+
+
+@dataclass(frozen=True)
+class SubmissionConfig:
+    # A submission server serves the organisation's network: all interfaces, as DESIGN.md says.
+    listen: tuple[ListenAddress, ...] = (ListenAddress("0.0.0.0", 587),)  # noqa: S104
+    implicit_tls_listen: tuple[ListenAddress, ...] = ()
+    cert_file: str = "/etc/mailrelay/tls/fullchain.pem"
+    key_file: str = "/etc/mailrelay/tls/privkey.pem"
+    # Development only: make a self-signed certificate at cert_file/key_file when both are missing.
+    self_signed_if_missing: bool = False
+    max_message_size: int = 26_214_400
+    max_recipients: int = 100
+    # Development only: let domains that have not passed `domain check` send.
+    allow_unverified_domains: bool = False
+    max_auth_failures: int = 3
+    timeout_seconds: float = 300.0
+
+
+@dataclass(frozen=True)
+class StorageConfig:
+    path: str = "/var/lib/mailrelay/mailrelay.sqlite3"
+
+
+@dataclass(frozen=True)
+class DomainPolicy:
+    """Per-destination overrides; None means "as in [delivery]"."""
+
+    security_level: SecurityLevel | None = None
+    cipher_profile: CipherProfile | None = None
+    insecure_action: InsecureAction | None = None
+
+
+@dataclass(frozen=True)
+class DeliveryConfig:
+    port: int = 25
+    nameservers: tuple[str, ...] = ()
+    security_level: SecurityLevel = "encrypt"
+    cipher_profile: CipherProfile = "ncsc-2025"
+    ca_file: str = ""
+    insecure_action: InsecureAction = "bounce"
+    max_queue_lifetime: float = 5 * 86400.0
+    workers: int = 16
+    connect_timeout: float = 30.0
+    command_timeout: float = 120.0
+    dns_timeout: float = 10.0
+    domains: dict[str, DomainPolicy] = field(default_factory=dict)
+
+    def security_level_for(self, domain: str) -> SecurityLevel:
+        override = self.domains.get(domain.lower())
+        return (
+            override.security_level if override and override.security_level else self.security_level
+        )
+
+    def cipher_profile_for(self, domain: str) -> CipherProfile:
+        override = self.domains.get(domain.lower())
+        return (
+            override.cipher_profile if override and override.cipher_profile else self.cipher_profile
+        )
+
+    def insecure_action_for(self, domain: str) -> InsecureAction:
+        override = self.domains.get(domain.lower())
+        if override and override.insecure_action:
+            return override.insecure_action
+        return self.insecure_action
+
+
+@dataclass(frozen=True)
+class DkimConfig:
+    key_dir: str = "/var/lib/mailrelay/dkim"
+    algorithm: DkimAlgorithm = "rsa"
+    rsa_bits: int = 2048
+
+
+@dataclass(frozen=True)
+class RecordsConfig:
+    """What `domain records` asks a domain to publish."""
+
+    # SPF mechanisms naming this relay; empty means "a:<hostname>".
+    spf_mechanisms: tuple[str, ...] = ()
+    # Where DMARC aggregate reports go; empty means "mailto:dmarc-reports@<domain>".
+    dmarc_rua: str = ""
+
+
+@dataclass(frozen=True)
+class MetricsConfig:
+    listen: ListenAddress | None = ListenAddress("127.0.0.1", 9187)
+
+
+@dataclass(frozen=True)
+class LogConfig:
+    format: LogFormat = "kv"
+    level: Literal["debug", "info", "warning", "error"] = "info"
+
+
+@dataclass(frozen=True)
+class Config:
+    hostname: str = field(default_factory=socket.getfqdn)
+    submission: SubmissionConfig = SubmissionConfig()
+    storage: StorageConfig = StorageConfig()
+    delivery: DeliveryConfig = field(default_factory=DeliveryConfig)
+    dkim: DkimConfig = DkimConfig()
+    records: RecordsConfig = RecordsConfig()
+    metrics: MetricsConfig = MetricsConfig()
+    log: LogConfig = LogConfig()
+
+    @property
+    def spf_mechanisms(self) -> tuple[str, ...]:
+        return self.records.spf_mechanisms or (f"a:{self.hostname}",)
+
+
+def load(path: str | Path | None) -> Config:
+    """Read the file at `path` (None: embedded defaults only) and validate it."""
+    if path is None:
+        return parse({}, base_dir=Path.cwd())
+    path = Path(path)
+    try:
+        text = path.read_text(encoding="utf-8")
+    except OSError as exc:
+        raise ConfigError(f"{path}: cannot read: {exc.strerror}") from exc
+    try:
+        raw = tomllib.loads(text)
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(f"{path}: not valid TOML: {exc}") from exc
+    try:
+        return parse(raw, base_dir=path.resolve().parent)
+    except ConfigError as exc:
+        raise ConfigError(f"{path}: {exc}") from exc
+
+
+def parse(raw: dict[str, Any], *, base_dir: Path) -> Config:
+    """Build a Config from a parsed TOML table; relative paths are relative to `base_dir`."""
+    top = _Table(raw, "")
+    hostname = top.string("hostname", socket.getfqdn())
+    if not _HOSTNAME.fullmatch(hostname):
+        raise ConfigError(f"hostname: {hostname!r} is not a host name")
+
+    sub_t = top.table("submission")
+    defaults = SubmissionConfig()
+    submission = SubmissionConfig(
+        listen=tuple(_listen(k, v) for k, v in sub_t.strings("listen", ["0.0.0.0:587"])),
+        implicit_tls_listen=tuple(
+            _listen(k, v) for k, v in sub_t.strings("implicit_tls_listen", [])
+        ),
+        cert_file=_path(sub_t.string("cert_file", defaults.cert_file), base_dir),
+        key_file=_path(sub_t.string("key_file", defaults.key_file), base_dir),
+        self_signed_if_missing=sub_t.boolean("self_signed_if_missing", False),
+        max_message_size=sub_t.integer("max_message_size", defaults.max_message_size, 1024),
+        max_recipients=sub_t.integer("max_recipients", defaults.max_recipients, 1),
+        allow_unverified_domains=sub_t.boolean("allow_unverified_domains", False),
+        max_auth_failures=sub_t.integer("max_auth_failures", 3, 1),
+        timeout_seconds=sub_t.duration("timeout", defaults.timeout_seconds),
+    )
+    sub_t.done()
+    if not submission.listen and not submission.implicit_tls_listen:
+        raise ConfigError("submission.listen: no listener; give at least one address")
+
+    storage_t = top.table("storage")
+    storage = StorageConfig(
+        path=_path(storage_t.string("path", StorageConfig.path), base_dir),
+    )
+    storage_t.done()
+
+    del_t = top.table("delivery")
+    d = DeliveryConfig()
+    overrides: dict[str, DomainPolicy] = {}
+    domains_t = del_t.table("domains")
+    for name in list(domains_t.raw):
+        one = domains_t.table(name)
+        overrides[name.lower().rstrip(".")] = DomainPolicy(
+            security_level=one.choice("security_level", SecurityLevel, None),
+            cipher_profile=one.choice("cipher_profile", CipherProfile, None),
+            insecure_action=one.choice("insecure_action", InsecureAction, None),
+        )
+        one.done()
+    domains_t.done()
+    nameservers = tuple(v for _k, v in del_t.strings("nameservers", []))
+    for i, ns in enumerate(nameservers):
+        _nameserver(f"delivery.nameservers[{i}]", ns)
+    delivery = DeliveryConfig(
+        port=del_t.integer("port", d.port, 1, 65535),
+        nameservers=nameservers,
+        security_level=del_t.choice("security_level", SecurityLevel, d.security_level),
+        cipher_profile=del_t.choice("cipher_profile", CipherProfile, d.cipher_profile),
+        ca_file=_path(del_t.string("ca_file", ""), base_dir),
+        insecure_action=del_t.choice("insecure_action", InsecureAction, d.insecure_action),
+        max_queue_lifetime=del_t.duration("max_queue_lifetime", d.max_queue_lifetime),
+        workers=del_t.integer("workers", d.workers, 1, 1000),
+        connect_timeout=del_t.duration("connect_timeout", d.connect_timeout),
+        command_timeout=del_t.duration("command_timeout", d.command_timeout),
+        dns_timeout=del_t.duration("dns_timeout", d.dns_timeout),
+        domains=overrides,
+    )
+    del_t.done()
+    if delivery.ca_file and not Path(delivery.ca_file).is_file():
+        raise ConfigError(f"delivery.ca_file: {delivery.ca_file!r} is not a readable file")
+
+    dkim_t = top.table("dkim")
+    dkim = DkimConfig(
+        key_dir=_path(dkim_t.string("key_dir", DkimConfig.key_dir), base_dir),
+        algorithm=dkim_t.choice("algorithm", DkimAlgorithm, "rsa"),
+        rsa_bits=dkim_t.integer("rsa_bits", 2048, 1024, 4096),
+    )
+    dkim_t.done()
+
+    rec_t = top.table("records")
+    records = RecordsConfig(
+        spf_mechanisms=tuple(_spf(k, v) for k, v in rec_t.strings("spf_mechanisms", [])),
+        dmarc_rua=rec_t.string("dmarc_rua", ""),
+    )
+    rec_t.done()
+
+    met_t = top.table("metrics")
+    metrics_listen = met_t.string("listen", "127.0.0.1:9187")
+    metrics = MetricsConfig(
+        listen=_listen("metrics.listen", metrics_listen) if metrics_listen else None
+    )
+    met_t.done()
+
+    log_t = top.table("log")
+    log = LogConfig(
+        format=log_t.choice("format", LogFormat, "kv"),
+        level=log_t.choice("level", Literal["debug", "info", "warning", "error"], "info"),
+    )
+    log_t.done()
+    top.done()
+    return Config(
+        hostname=hostname,
+        submission=submission,
+        storage=storage,
+        delivery=delivery,
+        dkim=dkim,
+        records=records,
+        metrics=metrics,
+        log=log,
+    )
+
+
+_HOSTNAME = re.compile(r"(?=.{1,253}$)([A-Za-z0-9]([A-Za-z0-9-]{0,61}[A-Za-z0-9])?\.?)+")
+_DURATION = re.compile(r"(\d+(?:\.\d+)?)(ms|s|m|h|d)?")
+_UNITS = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0, "d": 86400.0, None: 1.0}
+
+
+class _Table:
+    """One TOML table being consumed; whatever is left over at `done()` is an unknown key."""
+
+    def __init__(self, raw: Any, prefix: str) -> None:
+        if not isinstance(raw, dict):
+            raise ConfigError(f"{prefix.rstrip('.')}: expected a table, got {raw!r}")
+        self.raw: dict[str, Any] = dict(raw)
+        self.prefix = prefix
+        self._seen: set[str] = set()
+
+    def _take(self, key: str) -> Any:
+        self._seen.add(key)
+        return self.raw.get(key)
+
+    def key(self, key: str) -> str:
+        return f"{self.prefix}{key}" if "." not in key else f'{self.prefix}"{key}"'
+
+    def table(self, key: str) -> _Table:
+        value = self._take(key)
+        return _Table({} if value is None else value, f"{self.key(key)}.")
+
+    def string(self, key: str, default: str) -> str:
+        value = self._take(key)
+        if value is None:
+            return default
+        if not isinstance(value, str):
+            raise ConfigError(f"{self.key(key)}: expected a string, got {value!r}")
+        return value
+
+    def strings(self, key: str, default: list[str]) -> list[tuple[str, str]]:
+        value = self._take(key)
+        if value is None:
+            value = default
+        if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
+            raise ConfigError(f"{self.key(key)}: expected a list of strings, got {value!r}")
+        return [(f"{self.key(key)}[{i}]", v) for i, v in enumerate(value)]
+
+    def boolean(self, key: str, default: bool) -> bool:
+        value = self._take(key)
+        if value is None:
+            return default
+        if not isinstance(value, bool):
+            raise ConfigError(f"{self.key(key)}: expected true or false, got {value!r}")
+        return value
+
+    def integer(self, key: str, default: int, low: int, high: int | None = None) -> int:
+        value = self._take(key)
+        if value is None:
+            return default
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ConfigError(f"{self.key(key)}: expected an integer, got {value!r}")
+        if value < low or (high is not None and value > high):
+            bounds = f"at least {low}" if high is None else f"from {low} to {high}"
+            raise ConfigError(f"{self.key(key)}: {value!r} is out of range ({bounds})")
+        return value
+
+    def duration(self, key: str, default: float) -> float:
+        """A number of seconds, or a string such as "90s", "5m", "5d"."""
+        value = self._take(key)
+        if value is None:
+            return default
+        if isinstance(value, (int, float)) and not isinstance(value, bool) and value > 0:
+            return float(value)
+        if isinstance(value, str) and (m := _DURATION.fullmatch(value.strip())):
+            seconds = float(m.group(1)) * _UNITS[m.group(2)]
+            if seconds > 0:
+                return seconds
+        raise ConfigError(
+            f'{self.key(key)}: {value!r} is not a positive duration (e.g. 30, "90s", "5m", "5d")'
+        )
+
+    def choice(self, key: str, allowed: Any, default: Any) -> Any:
+        value = self._take(key)
+        if value is None:
+            return default
+        options = get_args(allowed)
+        if value not in options:
+            names = ", ".join(repr(o) for o in options)
+            raise ConfigError(f"{self.key(key)}: {value!r} is not one of {names}")
+        return value
+
+    def done(self) -> None:
+        unknown = sorted(set(self.raw) - self._seen)
+        if unknown:
+            raise ConfigError(f"{self.key(unknown[0])}: unknown key")
+
+
+def _listen(key: str, value: str) -> ListenAddress:
+    host, sep, port_text = value.rpartition(":")
+    host = host.strip("[]")
+    if not sep or not port_text.isdigit() or not 0 <= int(port_text) <= 65535:
+        raise ConfigError(f"{key}: {value!r} is not an address:port")
+    try:
+        ipaddress.ip_address(host)
+    except ValueError:
+        if not host or not _HOSTNAME.fullmatch(host):
+            raise ConfigError(f"{key}: {value!r} has no valid host") from None
+    return ListenAddress(host, int(port_text))
+
+
+def _nameserver(key: str, value: str) -> None:
+    host, port = split_nameserver(value)
+    try:
+        ipaddress.ip_address(host)
+    except ValueError:
+        raise ConfigError(
+            f"{key}: {value!r} is not an IP address (optionally with :port)"
+        ) from None
+    if not 0 < port <= 65535:
+        raise ConfigError(f"{key}: {value!r} has a bad port")
+
+
+def split_nameserver(value: str) -> tuple[str, int]:
+    """'127.0.0.53' -> ('127.0.0.53', 53); '127.0.0.1:5353' and '[::1]:5353' carry a port."""
+    if value.startswith("["):
+        host, _, rest = value[1:].partition("]")
+        return host, int(rest[1:]) if rest.startswith(":") and rest[1:].isdigit() else 53
+    if value.count(":") == 1:
+        host, _, port = value.partition(":")
+        return host, int(port) if port.isdigit() else -1
+    return value, 53
+
+
+def _spf(key: str, value: str) -> str:
+    if not re.fullmatch(r"(include|a|mx|ip4|ip6):\S+", value):
+        raise ConfigError(f"{key}: {value!r} is not an include:, a:, mx:, ip4: or ip6: mechanism")
+    return value
+
+
+def _path(value: str, base_dir: Path) -> str:
+    return str((base_dir / value).resolve()) if value else value

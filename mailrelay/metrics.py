@@ -1,0 +1,140 @@
+"""Every Prometheus metric mailrelay exports, declared in one place, and the /metrics listener.
+
+Names follow postfix_exporter's so that existing dashboards carry over. No label ever holds an
+address, a subject or any other per-message value: labels are bounded sets (codes, states,
+reasons, protocol and cipher names).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Callable
+from wsgiref.simple_server import WSGIServer
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
+from prometheus_client.core import GaugeMetricFamily
+from prometheus_client.registry import Collector
+
+from mailrelay.config import ListenAddress
+
+log = logging.getLogger("mailrelay.metrics")
+
+_DELAY_BUCKETS = (0.5, 1, 2, 5, 10, 30, 60, 300, 900, 3600, 4 * 3600, 24 * 3600, 5 * 86400)
+
+
+class Metrics:
+    """One set of metrics per service instance (its own registry, so tests can run several)."""
+
+    def __init__(self) -> None:
+        r = self.registry = CollectorRegistry(auto_describe=True)
+        # ---- submission (postfix_exporter: smtpd) ----
+        self.smtpd_messages_processed = Counter(
+            "mailrelay_smtpd_messages_processed",
+            "Messages accepted by the submission server and committed to the queue.",
+            registry=r,
+        )
+        self.smtpd_messages_rejected = Counter(
+            "mailrelay_smtpd_messages_rejected",
+            "Commands refused by the submission server, by reply code.",
+            ["code"],
+            registry=r,
+        )
+        self.smtpd_sasl_authentication_failures = Counter(
+            "mailrelay_smtpd_sasl_authentication_failures",
+            "Failed SMTP AUTH attempts.",
+            registry=r,
+        )
+        # ---- delivery (postfix_exporter: smtp) ----
+        self.smtp_messages_processed = Counter(
+            "mailrelay_smtp_messages_processed",
+            "Delivery outcomes, one per recipient and attempt.",
+            ["status"],
+            registry=r,
+        )
+        self.smtp_tls_connections = Counter(
+            "mailrelay_smtp_tls_connections",
+            "Outbound TLS sessions established, by protocol, cipher and certificate trust.",
+            ["protocol", "cipher", "trust"],
+            registry=r,
+        )
+        self.smtp_insecure_refusals = Counter(
+            "mailrelay_smtp_insecure_refusals",
+            "MX hosts refused because their transport security was below policy, by reason.",
+            ["reason"],
+            registry=r,
+        )
+        self.smtp_delivery_delay = Histogram(
+            "mailrelay_smtp_delivery_delay_seconds",
+            "Time from acceptance to delivery, per delivered recipient.",
+            buckets=_DELAY_BUCKETS,
+            registry=r,
+        )
+        self.dns_lookup_failures = Counter(
+            "mailrelay_dns_lookup_failures",
+            "MX lookups that failed temporarily (SERVFAIL, timeout).",
+            registry=r,
+        )
+        self.delivery_workers_busy = Gauge(
+            "mailrelay_delivery_workers_busy",
+            "Delivery workers currently working on a message.",
+            registry=r,
+        )
+        self.delivery_workers = Gauge(
+            "mailrelay_delivery_workers", "Size of the delivery worker pool.", registry=r
+        )
+        for status in ("sent", "deferred", "bounced"):
+            self.smtp_messages_processed.labels(status=status)
+
+    def add_queue_collector(
+        self, snapshot: Callable[[], tuple[dict[str, int], float | None]]
+    ) -> None:
+        """Queue depth and age are read at scrape time from a cached snapshot."""
+        self.registry.register(_QueueCollector(snapshot))
+
+
+class _QueueCollector(Collector):
+    def __init__(self, snapshot: Callable[[], tuple[dict[str, int], float | None]]) -> None:
+        self._snapshot = snapshot
+
+    def collect(self) -> list[GaugeMetricFamily]:
+        counts, oldest_age = self._snapshot()
+        depth = GaugeMetricFamily(
+            "mailrelay_queue_recipients", "Recipients in the queue, by state.", labels=["state"]
+        )
+        for state, n in sorted(counts.items()):
+            depth.add_metric([state], n)
+        age = GaugeMetricFamily(
+            "mailrelay_queue_oldest_age_seconds",
+            "Age of the oldest recipient not yet delivered or bounced.",
+            value=oldest_age or 0.0,
+        )
+        return [depth, age]
+
+
+class MetricsServer:
+    """Serves /metrics over HTTP on its own thread (prometheus-client's own server)."""
+
+    def __init__(self, metrics: Metrics, listen: ListenAddress | None) -> None:
+        self.metrics = metrics
+        self.listen = listen
+        self._server: WSGIServer | None = None
+
+    async def start(self) -> None:
+        if self.listen is None:
+            return
+        server, _thread = await asyncio.to_thread(
+            start_http_server, self.listen.port, self.listen.host, self.metrics.registry
+        )
+        self._server = server
+        log.info("event=listening address=%s service=metrics", self.listen)
+
+    @property
+    def port(self) -> int | None:
+        return None if self._server is None else int(self._server.server_address[1])
+
+    async def stop(self) -> None:
+        if self._server is not None:
+            await asyncio.to_thread(self._server.shutdown)
+            self._server.server_close()
+            self._server = None

@@ -1,0 +1,134 @@
+"""Composition root: builds every part from the config, starts them in dependency order, stops
+them in reverse, and speaks to systemd (sd_notify) and to signals."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import signal
+import socket
+import sqlite3
+import threading
+import time
+
+from mailrelay import signing
+from mailrelay.config import Config
+from mailrelay.metrics import Metrics, MetricsServer
+from mailrelay.store import Store, accounts, connect, queue
+from mailrelay.submission.auth import PasswordChecker
+from mailrelay.submission.handler import Accepted, SubmissionHandler
+from mailrelay.submission.server import SubmissionServer
+from mailrelay.submission.tls import ensure_self_signed
+
+log = logging.getLogger("mailrelay.service")
+
+
+class Service:
+    def __init__(self, config: Config) -> None:
+        self.config = config
+        self.metrics = Metrics()
+        self.store = Store(config.storage.path)
+        self.queue_changed = asyncio.Event()
+        sub = config.submission
+        if sub.self_signed_if_missing and ensure_self_signed(
+            sub.cert_file, sub.key_file, config.hostname
+        ):
+            log.warning("event=self_signed_certificate cert_file=%s", sub.cert_file)
+        handler = SubmissionHandler(
+            sub,
+            config.hostname,
+            self.store,
+            signer=signing.Signer(self.store).sign,
+            authentication_results_for=lambda user: signing.authentication_results(
+                config.hostname, user
+            ),
+            on_queued=self.queue_changed.set,
+            on_accepted=self._accepted,
+            on_rejected=self._rejected,
+        )
+        checker = PasswordChecker(
+            lambda login: self.store.read(lambda c: accounts.password_hash(c, login))
+        )
+        self.submission = SubmissionServer(
+            config,
+            handler,
+            checker,
+            on_auth_failure=self.metrics.smtpd_sasl_authentication_failures.inc,
+        )
+        self.metrics_server = MetricsServer(self.metrics, config.metrics.listen)
+        self._snapshot_conn: sqlite3.Connection | None = None
+        self._snapshot_lock = threading.Lock()
+        self._stopped = False
+        self.metrics.add_queue_collector(self._queue_snapshot)
+
+    def _accepted(self, accepted: Accepted) -> None:
+        self.metrics.smtpd_messages_processed.inc()
+
+    def _rejected(self, code: str) -> None:
+        self.metrics.smtpd_messages_rejected.labels(code=code).inc()
+
+    def _queue_snapshot(self) -> tuple[dict[str, int], float | None]:
+        with self._snapshot_lock:
+            if self._snapshot_conn is None:
+                return {}, None
+            counts = queue.state_counts(self._snapshot_conn)
+            oldest = queue.oldest_pending(self._snapshot_conn)
+        return counts, None if oldest is None else max(0.0, time.time() - oldest)
+
+    async def start(self) -> None:
+        await self.store.start()
+        released = await self.store.write(lambda c: queue.release_active(c, time.time()))
+        if released:
+            log.info("event=recovered recipients=%d", released)
+        self._snapshot_conn = connect(self.config.storage.path)
+        await self.metrics_server.start()
+        await self.submission.start()
+        sd_notify("READY=1\nSTATUS=accepting mail")
+        log.info("event=started hostname=%s", self.config.hostname)
+
+    async def stop(self) -> None:
+        if self._stopped:
+            return
+        self._stopped = True
+        sd_notify("STOPPING=1")
+        log.info("event=stopping")
+        await self.submission.stop()
+        await self.metrics_server.stop()
+        await self.store.stop()
+        with self._snapshot_lock:
+            if self._snapshot_conn is not None:
+                self._snapshot_conn.close()
+                self._snapshot_conn = None
+        log.info("event=stopped")
+
+
+async def serve(config: Config, on_started: object = None) -> None:
+    """Run until SIGTERM or SIGINT, then stop gracefully."""
+    service = Service(config)
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    await service.start()
+    if callable(on_started):
+        on_started(service)
+    try:
+        await stop.wait()
+    finally:
+        await service.stop()
+
+
+def sd_notify(state: str) -> None:
+    """Tell systemd about our state (Type=notify); a no-op when not started by systemd."""
+    address = os.environ.get("NOTIFY_SOCKET")
+    if not address:
+        return
+    if address.startswith("@"):
+        address = "\0" + address[1:]  # abstract namespace socket
+    try:
+        with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as sock:
+            sock.connect(address)
+            sock.sendall(state.encode())
+    except OSError as exc:
+        log.warning("event=sd_notify_failed error=%r", str(exc))

@@ -1,0 +1,41 @@
+"""DKIM signing at acceptance: the domain's active keys, read from the store, applied once."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from typing import cast
+
+from mailrelay import dkim
+from mailrelay.store import Store, accounts
+
+log = logging.getLogger("mailrelay.dkim")
+
+
+class Signer:
+    def __init__(self, store: Store) -> None:
+        self.store = store
+
+    async def sign(self, message: bytes, domain: str) -> bytes:
+        stored = await self.store.read(lambda c: accounts.keys(c, domain, active_only=True))
+        if not stored:
+            # Only possible in development (allow_unverified_domains) or for a domain added by
+            # hand: a domain added by the CLI always has a key.
+            log.warning("event=unsigned domain=%s reason=no_active_key", domain)
+            return message
+        keys = [
+            dkim.DkimKey(
+                k.selector,
+                cast(dkim.SignatureAlgorithm, k.algorithm),
+                k.private_key_path,
+                k.public_record,
+            )
+            for k in stored
+        ]
+        # Canonicalising and hashing a large body is CPU work; keep it off the event loop.
+        return await asyncio.to_thread(dkim.sign, message, domain=domain, keys=keys)
+
+
+def authentication_results(hostname: str, user: str) -> str:
+    """The header line without its CRLF; the client's address is left out (personal data)."""
+    return dkim.authentication_results(hostname, user, None).rstrip("\r\n")

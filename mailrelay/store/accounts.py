@@ -1,0 +1,158 @@
+"""Users (submission credentials) and sending domains with their DKIM keys."""
+
+from __future__ import annotations
+
+import sqlite3
+from dataclasses import dataclass
+from typing import Literal
+
+DomainState = Literal["unverified", "valid"]
+
+
+class NotFound(LookupError):
+    """The user or domain named does not exist."""
+
+
+class AlreadyExists(ValueError):
+    """The user or domain named exists already."""
+
+
+# ---- users ---------------------------------------------------------------------------------
+
+
+def add_user(conn: sqlite3.Connection, address: str, password_hash: str, now: float) -> None:
+    address = address.lower()
+    domain = address.rpartition("@")[2]
+    if get_domain(conn, domain) is None:
+        raise NotFound(f"domain {domain} is not set up; add it with: mailrelay domain add {domain}")
+    try:
+        conn.execute(
+            "INSERT INTO users (address, domain, password_hash, created_at) VALUES (?, ?, ?, ?)",
+            (address, domain, password_hash, now),
+        )
+    except sqlite3.IntegrityError:
+        raise AlreadyExists(f"user {address} exists already") from None
+
+
+def set_password(conn: sqlite3.Connection, address: str, password_hash: str) -> None:
+    cur = conn.execute(
+        "UPDATE users SET password_hash = ? WHERE address = ?", (password_hash, address.lower())
+    )
+    if cur.rowcount == 0:
+        raise NotFound(f"no user {address.lower()}")
+
+
+def delete_user(conn: sqlite3.Connection, address: str) -> None:
+    cur = conn.execute("DELETE FROM users WHERE address = ?", (address.lower(),))
+    if cur.rowcount == 0:
+        raise NotFound(f"no user {address.lower()}")
+
+
+def password_hash(conn: sqlite3.Connection, address: str) -> str | None:
+    row = conn.execute(
+        "SELECT password_hash FROM users WHERE address = ?", (address.lower(),)
+    ).fetchone()
+    return None if row is None else str(row[0])
+
+
+def list_users(conn: sqlite3.Connection) -> list[dict[str, object]]:
+    return [
+        dict(r)
+        for r in conn.execute("SELECT address, domain, created_at FROM users ORDER BY address")
+    ]
+
+
+# ---- domains -------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Domain:
+    name: str
+    notify: str
+    state: DomainState
+    created_at: float
+    checked_at: float | None
+
+
+@dataclass(frozen=True)
+class StoredKey:
+    selector: str
+    algorithm: str
+    private_key_path: str
+    public_record: str
+    active: bool
+
+
+def add_domain(conn: sqlite3.Connection, name: str, notify: str, now: float) -> Domain:
+    name = name.lower().rstrip(".")
+    try:
+        conn.execute(
+            "INSERT INTO domains (name, notify, state, created_at) VALUES (?, ?, 'unverified', ?)",
+            (name, notify, now),
+        )
+    except sqlite3.IntegrityError:
+        raise AlreadyExists(f"domain {name} exists already") from None
+    return Domain(name, notify, "unverified", now, None)
+
+
+def get_domain(conn: sqlite3.Connection, name: str) -> Domain | None:
+    row = conn.execute(
+        "SELECT name, notify, state, created_at, checked_at FROM domains WHERE name = ?",
+        (name.lower().rstrip("."),),
+    ).fetchone()
+    return None if row is None else Domain(*row)
+
+
+def require_domain(conn: sqlite3.Connection, name: str) -> Domain:
+    domain = get_domain(conn, name)
+    if domain is None:
+        raise NotFound(f"no domain {name.lower().rstrip('.')}")
+    return domain
+
+
+def list_domains(conn: sqlite3.Connection) -> list[Domain]:
+    return [
+        Domain(*row)
+        for row in conn.execute(
+            "SELECT name, notify, state, created_at, checked_at FROM domains ORDER BY name"
+        )
+    ]
+
+
+def set_domain_state(conn: sqlite3.Connection, name: str, state: DomainState, now: float) -> None:
+    conn.execute(
+        "UPDATE domains SET state = ?, checked_at = ? WHERE name = ?", (state, now, name.lower())
+    )
+
+
+def add_key(conn: sqlite3.Connection, domain: str, key: StoredKey, now: float) -> None:
+    conn.execute(
+        "INSERT INTO dkim_keys (domain, selector, algorithm, private_key_path, public_record,"
+        " active, created_at) VALUES (?, ?, ?, ?, ?, ?, ?)",
+        (
+            domain.lower(),
+            key.selector,
+            key.algorithm,
+            key.private_key_path,
+            key.public_record,
+            int(key.active),
+            now,
+        ),
+    )
+
+
+def deactivate_keys(conn: sqlite3.Connection, domain: str) -> None:
+    conn.execute("UPDATE dkim_keys SET active = 0 WHERE domain = ?", (domain.lower(),))
+
+
+def keys(conn: sqlite3.Connection, domain: str, *, active_only: bool) -> list[StoredKey]:
+    sql = (
+        "SELECT selector, algorithm, private_key_path, public_record, active FROM dkim_keys"
+        " WHERE domain = ?"
+    )
+    if active_only:
+        sql += " AND active = 1"
+    return [
+        StoredKey(r[0], r[1], r[2], r[3], bool(r[4]))
+        for r in conn.execute(sql + " ORDER BY id", (domain.lower(),))
+    ]

@@ -1,0 +1,144 @@
+"""Opening the SQLite database with the pragmas durability depends on, and its schema."""
+
+from __future__ import annotations
+
+import os
+import sqlite3
+from pathlib import Path
+
+# Each entry moves the schema one version forward; PRAGMA user_version records how far a file is.
+# Never edit a released entry: append a new one.
+MIGRATIONS: tuple[str, ...] = (
+    """
+    CREATE TABLE messages (
+        id TEXT PRIMARY KEY,
+        sender TEXT NOT NULL,                 -- envelope MAIL FROM; '' for a bounce
+        auth_user TEXT,                       -- who submitted it; NULL for bounces made here
+        client_ip TEXT,
+        sender_domain TEXT,                   -- whose notification address gets bounce copies
+        size INTEGER NOT NULL,
+        data BLOB,                            -- signed, as it will leave; NULL once all are final
+        is_bounce INTEGER NOT NULL DEFAULT 0,
+        created_at REAL NOT NULL
+    );
+    CREATE TABLE recipients (
+        id INTEGER PRIMARY KEY,
+        message_id TEXT NOT NULL REFERENCES messages(id) ON DELETE CASCADE,
+        address TEXT NOT NULL,
+        domain TEXT NOT NULL,
+        state TEXT NOT NULL
+            CHECK (state IN ('queued', 'active', 'deferred', 'sent', 'bounced')),
+        attempts INTEGER NOT NULL DEFAULT 0,
+        next_attempt_at REAL NOT NULL,
+        status TEXT,                          -- last RFC 3463 status, e.g. 4.4.1
+        reply TEXT,                           -- last reply or diagnostic
+        updated_at REAL NOT NULL
+    );
+    CREATE INDEX recipients_message ON recipients(message_id);
+    CREATE INDEX recipients_due ON recipients(next_attempt_at)
+        WHERE state IN ('queued', 'deferred');
+    CREATE TABLE attempts (
+        id INTEGER PRIMARY KEY,
+        at REAL NOT NULL,
+        message_id TEXT NOT NULL,
+        recipient TEXT NOT NULL,
+        mx_host TEXT,
+        mx_address TEXT,
+        reply TEXT,
+        tls_protocol TEXT,
+        tls_cipher TEXT,
+        cert_fingerprint TEXT,
+        cert_verified INTEGER,
+        verdict TEXT NOT NULL                 -- sent | deferred | bounced | insecure
+    );
+    CREATE INDEX attempts_message ON attempts(message_id);
+    CREATE TABLE events (
+        id INTEGER PRIMARY KEY,
+        at REAL NOT NULL,
+        message_id TEXT NOT NULL,
+        recipient TEXT NOT NULL,
+        domain TEXT NOT NULL,
+        event TEXT NOT NULL
+            CHECK (event IN ('QUEUED', 'REFUSED', 'DELIVERED', 'SOFT-BOUNCE', 'HARD-BOUNCE')),
+        mx TEXT,
+        reply TEXT,
+        tls_protocol TEXT,
+        tls_cipher TEXT
+    );
+    CREATE INDEX events_message ON events(message_id);
+    CREATE TABLE users (
+        address TEXT PRIMARY KEY,
+        domain TEXT NOT NULL,
+        password_hash TEXT NOT NULL,
+        created_at REAL NOT NULL
+    );
+    CREATE TABLE domains (
+        name TEXT PRIMARY KEY,
+        notify TEXT NOT NULL,
+        state TEXT NOT NULL CHECK (state IN ('unverified', 'valid')),
+        created_at REAL NOT NULL,
+        checked_at REAL
+    );
+    CREATE TABLE dkim_keys (
+        id INTEGER PRIMARY KEY,
+        domain TEXT NOT NULL REFERENCES domains(name) ON DELETE CASCADE,
+        selector TEXT NOT NULL,
+        algorithm TEXT NOT NULL,
+        private_key_path TEXT NOT NULL,
+        public_record TEXT NOT NULL,
+        active INTEGER NOT NULL,              -- signs new mail; inactive keys stay listed
+        created_at REAL NOT NULL,
+        UNIQUE (domain, selector)
+    );
+    """,
+)
+
+
+def connect(path: str) -> sqlite3.Connection:
+    """Open (creating if needed) the database, migrated to the latest schema.
+
+    WAL lets readers run beside the single writer; synchronous=FULL makes every COMMIT fsync the
+    WAL, which is what a 250 reply to DATA promises.
+    """
+    if path != ":memory:":
+        Path(path).parent.mkdir(parents=True, exist_ok=True, mode=0o750)
+    conn = sqlite3.connect(path, isolation_level=None, check_same_thread=False, timeout=30.0)
+    conn.row_factory = sqlite3.Row
+    conn.execute("PRAGMA journal_mode = WAL")
+    conn.execute("PRAGMA synchronous = FULL")
+    conn.execute("PRAGMA foreign_keys = ON")
+    conn.execute("PRAGMA busy_timeout = 30000")
+    _migrate(conn)
+    if path != ":memory:":
+        # The queue holds message bodies: personal data, readable by the service only.
+        for suffix in ("", "-wal", "-shm"):
+            if os.path.exists(path + suffix):
+                os.chmod(path + suffix, 0o600)
+    return conn
+
+
+def open_readonly(path: str) -> sqlite3.Connection:
+    """Open an existing database for queries only (listings, reports)."""
+    if not Path(path).exists():
+        raise FileNotFoundError(path)
+    return connect(path)
+
+
+def _migrate(conn: sqlite3.Connection) -> None:
+    conn.execute("BEGIN IMMEDIATE")
+    try:
+        (version,) = conn.execute("PRAGMA user_version").fetchone()
+        for number, script in enumerate(MIGRATIONS[version:], start=version + 1):
+            for statement in _statements(script):
+                conn.execute(statement)
+            conn.execute(f"PRAGMA user_version = {number}")
+        conn.execute("COMMIT")
+    except BaseException:
+        conn.execute("ROLLBACK")
+        raise
+
+
+def _statements(script: str) -> list[str]:
+    # executescript() would COMMIT our transaction; split instead (no ';' inside our DDL strings).
+    lines = [line.split("--", 1)[0] for line in script.splitlines()]
+    return [s.strip() for s in "\n".join(lines).split(";") if s.strip()]

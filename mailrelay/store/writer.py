@@ -1,0 +1,151 @@
+"""The single writer: one thread owns the write connection and commits operations in groups.
+
+Every SMTP session that accepts a message needs an fsync before it may answer 250. One fsync per
+message would cap throughput at the disk's fsync rate, so operations that arrive while a commit
+is in progress wait together and share the next one (group commit). Each operation runs inside
+its own SAVEPOINT, so one that fails is rolled back alone and the others still commit.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import queue
+import sqlite3
+import threading
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any, TypeVar
+
+from mailrelay.store.db import connect
+
+T = TypeVar("T")
+log = logging.getLogger(__name__)
+
+# A group is bounded so that one huge burst cannot hold the write lock for long.
+MAX_GROUP = 512
+
+
+@dataclass
+class _Job:
+    op: Callable[[sqlite3.Connection], Any]
+    future: asyncio.Future[Any]
+    loop: asyncio.AbstractEventLoop
+
+
+class StoreClosed(RuntimeError):
+    """The store is stopping or stopped; nothing more can be written."""
+
+
+class Store:
+    """Async front of the database: `write` is group-committed, `read` runs off the event loop."""
+
+    def __init__(self, path: str) -> None:
+        self.path = path
+        self._jobs: queue.SimpleQueue[_Job | None] = queue.SimpleQueue()
+        self._thread: threading.Thread | None = None
+        self._reader: sqlite3.Connection | None = None
+        self._read_lock = threading.Lock()
+        self._closed = True
+        self.commits = 0  # number of COMMITs, for the benchmark's group-size figure
+
+    async def start(self) -> None:
+        # Open (and migrate) synchronously so that a broken database fails the start, not later.
+        writer = connect(self.path)
+        self._reader = connect(self.path)
+        self._thread = threading.Thread(
+            target=self._run, args=(writer,), name="mailrelay-store-writer", daemon=True
+        )
+        self._closed = False
+        self._thread.start()
+
+    async def stop(self) -> None:
+        """Commit everything already submitted, then close."""
+        if self._closed:
+            return
+        self._closed = True
+        self._jobs.put(None)
+        if self._thread is not None:
+            await asyncio.to_thread(self._thread.join)
+        if self._reader is not None:
+            self._reader.close()
+
+    async def write(self, op: Callable[[sqlite3.Connection], T]) -> T:
+        """Run `op` in a transaction; return once its effects are committed to disk."""
+        if self._closed:
+            raise StoreClosed("the store is closed")
+        loop = asyncio.get_running_loop()
+        future: asyncio.Future[T] = loop.create_future()
+        self._jobs.put(_Job(op, future, loop))
+        return await future
+
+    async def read(self, op: Callable[[sqlite3.Connection], T]) -> T:
+        """Run a query on the read connection, in a worker thread."""
+        if self._reader is None or self._closed:
+            raise StoreClosed("the store is closed")
+        reader = self._reader
+
+        def run() -> T:
+            with self._read_lock:
+                return op(reader)
+
+        return await asyncio.to_thread(run)
+
+    def _run(self, conn: sqlite3.Connection) -> None:
+        try:
+            while True:
+                first = self._jobs.get()
+                if first is None:
+                    return
+                group = [first]
+                stopping = False
+                while len(group) < MAX_GROUP:
+                    try:
+                        job = self._jobs.get_nowait()
+                    except queue.Empty:
+                        break
+                    if job is None:
+                        stopping = True
+                        break
+                    group.append(job)
+                self._commit(conn, group)
+                if stopping:
+                    return
+        finally:
+            conn.close()
+
+    def _commit(self, conn: sqlite3.Connection, group: list[_Job]) -> None:
+        outcomes: list[tuple[_Job, Any, BaseException | None]] = []
+        try:
+            conn.execute("BEGIN IMMEDIATE")
+            for job in group:
+                conn.execute("SAVEPOINT op")
+                try:
+                    result = job.op(conn)
+                except Exception as exc:  # one failed operation must not sink the group
+                    conn.execute("ROLLBACK TO op")
+                    conn.execute("RELEASE op")
+                    outcomes.append((job, None, exc))
+                else:
+                    conn.execute("RELEASE op")
+                    outcomes.append((job, result, None))
+            conn.execute("COMMIT")
+            self.commits += 1
+        except sqlite3.Error as exc:
+            # Disk full, I/O error, lock timeout: nothing of this group is on disk, so every
+            # caller hears so and none of them may claim the data is safe.
+            log.error("store commit failed: %s", exc)
+            if conn.in_transaction:
+                conn.execute("ROLLBACK")
+            outcomes = [(job, None, exc) for job in group]
+        for job, result, error in outcomes:
+            job.loop.call_soon_threadsafe(_settle, job.future, result, error)
+
+
+def _settle(future: asyncio.Future[Any], result: Any, error: BaseException | None) -> None:
+    if future.cancelled():
+        return
+    if error is not None:
+        future.set_exception(error)
+    else:
+        future.set_result(result)

@@ -1,0 +1,73 @@
+"""Every reply the submission server sends, with RFC 3463 enhanced status codes.
+
+aiosmtpd writes some replies itself, several without an enhanced code; `enhance` gives each one
+the code it lacks, so that ENHANCEDSTATUSCODES (RFC 2034) holds for every reply we send.
+"""
+
+from __future__ import annotations
+
+import re
+
+NEED_STARTTLS = "530 5.7.0 Must issue a STARTTLS command first"
+AUTH_REQUIRED = "530 5.7.0 Authentication required"
+AUTH_FAILED = "535 5.7.8 Authentication credentials invalid"
+TOO_MANY_AUTH_FAILURES = "421 4.7.0 Too many authentication failures, closing connection"
+BAD_ADDRESS = "501 5.1.3 Bad address syntax"
+SENDER_NOT_OWNED = "553 5.7.1 Sender address not owned by the authenticated user"
+FROM_NOT_OWNED = "553 5.7.1 From: header address not owned by the authenticated user"
+FROM_MISSING = "550 5.6.0 Message must have exactly one From: header"
+DOMAIN_NOT_VERIFIED = (
+    "550 5.7.1 Sending domain {domain} is not verified; run: mailrelay domain check {domain}"
+)
+TOO_MANY_RECIPIENTS = "452 4.5.3 Too many recipients"
+TOO_BIG = "552 5.3.4 Message size exceeds fixed maximum message size"
+BARE_LINE_ENDING = "554 5.5.2 Message refused: bare CR or LF in DATA (RFC 5321 section 2.3.8)"
+LINE_TOO_LONG = "500 5.5.2 Line too long (RFC 5321 section 4.5.3.1.6)"
+QUEUED = "250 2.0.0 Ok: queued as {queue_id}"
+NOT_QUEUED = "451 4.3.0 Local error: message not queued, try again later"
+SHUTTING_DOWN = "421 4.3.2 Service shutting down, try again later"
+INTERNAL_ERROR = "451 4.3.0 Internal error"
+
+# aiosmtpd's own wording, replaced by ours where the code itself should differ.
+_REPLACE = {
+    "530 Must issue a STARTTLS command first": NEED_STARTTLS,
+    "553 5.1.3 Error: malformed address": BAD_ADDRESS,
+    "552 Error: Too much mail data": TOO_BIG,
+    "500 Line too long (see RFC5321 4.5.3.1.6)": LINE_TOO_LONG,
+}
+
+_DEFAULT_ENHANCED = {
+    "220": "2.0.0",
+    "221": "2.0.0",
+    "235": "2.7.0",
+    "250": "2.0.0",
+    "252": "2.0.0",
+    "421": "4.3.0",
+    "451": "4.3.0",
+    "452": "4.3.1",
+    "454": "4.7.0",
+    "500": "5.5.2",
+    "501": "5.5.4",
+    "502": "5.5.1",
+    "503": "5.5.1",
+    "504": "5.5.4",
+    "530": "5.7.0",
+    "535": "5.7.8",
+    "538": "5.7.11",
+    "552": "5.3.4",
+    "553": "5.1.3",
+    "554": "5.7.0",
+    "555": "5.5.4",
+}
+
+_HAS_ENHANCED = re.compile(r"^\d{3}[ -][245]\.\d{1,3}\.\d{1,3}(\s|$)")
+
+
+def enhance(reply: str) -> str:
+    """Add the enhanced status code a 2xx/4xx/5xx reply line lacks (3xx replies carry none)."""
+    reply = _REPLACE.get(reply, reply)
+    if len(reply) < 3 or reply[0] not in "245" or _HAS_ENHANCED.match(reply):
+        return reply
+    code, sep, text = reply[:3], reply[3:4] or " ", reply[4:]
+    enhanced = _DEFAULT_ENHANCED.get(code, f"{code[0]}.0.0")
+    return f"{code}{sep}{enhanced} {text}".rstrip()

@@ -1,0 +1,126 @@
+"""Fixtures every test can use: a real mailrelay service on loopback and a real SMTP client."""
+
+from __future__ import annotations
+
+import smtplib
+import socket
+import ssl
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from mailrelay import config as configmod
+from mailrelay.config import Config
+from mailrelay.service import Service
+from mailrelay.store import accounts, connect
+from mailrelay.store.queue import transaction
+from mailrelay.submission.auth import hash_password
+from mailrelay.submission.tls import ensure_self_signed
+
+PASSWORD = "correct horse battery staple"
+
+
+def free_port(host: str = "127.0.0.1") -> int:
+    with socket.socket() as s:
+        s.bind((host, 0))
+        return int(s.getsockname()[1])
+
+
+@dataclass
+class Relay:
+    """A running service and what a test needs to talk to it."""
+
+    service: Service
+    config: Config
+    port: int
+    implicit_port: int
+    cert_file: str
+
+    def client_context(self) -> ssl.SSLContext:
+        ctx = ssl.create_default_context(cafile=self.cert_file)
+        ctx.check_hostname = False  # the certificate names "localhost"; we dial 127.0.0.1
+        return ctx
+
+    def smtp(self) -> smtplib.SMTP:
+        """A plain connection on the submission port, before STARTTLS."""
+        client = smtplib.SMTP("127.0.0.1", self.port, local_hostname="client.test", timeout=10)
+        return client
+
+    def session(self, user: str = "alice@example.org", password: str = PASSWORD) -> smtplib.SMTP:
+        """EHLO, STARTTLS, EHLO, AUTH: ready for MAIL."""
+        client = self.smtp()
+        client.starttls(context=self.client_context())
+        client.login(user, password)
+        return client
+
+    def db(self) -> Any:
+        return connect(self.config.storage.path)
+
+
+def make_config(tmp_path: Path, **sections: dict[str, Any]) -> Config:
+    cert, key = str(tmp_path / "tls" / "cert.pem"), str(tmp_path / "tls" / "key.pem")
+    ensure_self_signed(cert, key, "localhost")
+    raw: dict[str, Any] = {
+        "hostname": "relay.test",
+        "submission": {
+            "listen": [f"127.0.0.1:{free_port()}"],
+            "implicit_tls_listen": [f"127.0.0.1:{free_port()}"],
+            "cert_file": cert,
+            "key_file": key,
+        },
+        "storage": {"path": str(tmp_path / "queue.sqlite3")},
+        "dkim": {"key_dir": str(tmp_path / "dkim"), "rsa_bits": 1024},
+        "metrics": {"listen": f"127.0.0.1:{free_port()}"},
+    }
+    for name, values in sections.items():
+        raw.setdefault(name, {}).update(values)
+    return configmod.parse(raw, base_dir=tmp_path)
+
+
+def add_user(cfg: Config, address: str, password: str = PASSWORD, *, valid: bool = True) -> None:
+    conn = connect(cfg.storage.path)
+    domain = address.rpartition("@")[2]
+    with transaction(conn):
+        if accounts.get_domain(conn, domain) is None:
+            accounts.add_domain(conn, domain, f"postmaster@{domain}", time.time())
+            if valid:
+                accounts.set_domain_state(conn, domain, "valid", time.time())
+        accounts.add_user(conn, address, hash_password(password), time.time())
+    conn.close()
+
+
+RelayFactory = Callable[..., Awaitable[Relay]]
+
+
+@pytest.fixture
+async def relay_factory(tmp_path: Path) -> AsyncIterator[RelayFactory]:
+    """Start a service (from a config, or with section overrides); all are stopped at teardown."""
+    started: list[Service] = []
+
+    async def start(cfg: Config | None = None, **sections: dict[str, Any]) -> Relay:
+        cfg = cfg or make_config(tmp_path, **sections)
+        service = Service(cfg)
+        await service.start()
+        started.append(service)
+        return Relay(
+            service,
+            cfg,
+            cfg.submission.listen[0].port,
+            cfg.submission.implicit_tls_listen[0].port,
+            cfg.submission.cert_file,
+        )
+
+    yield start
+    for service in started:
+        await service.stop()
+
+
+@pytest.fixture
+async def relay(tmp_path: Path, relay_factory: RelayFactory) -> Relay:
+    cfg = make_config(tmp_path)
+    add_user(cfg, "alice@example.org")
+    return await relay_factory(cfg)

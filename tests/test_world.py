@@ -1,0 +1,446 @@
+"""The test world itself: DNS answers exactly over UDP and TCP, and each MX behaves as named."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import dataclasses
+import smtplib
+import ssl
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+import dns.asyncquery
+import dns.asyncresolver
+import dns.exception
+import dns.flags
+import dns.message
+import dns.nameserver
+import dns.rcode
+import dns.rrset
+import pytest
+
+from tests.world import (
+    CBC_ONLY,
+    EXPIRED_CERT,
+    GARBAGE_AFTER_STARTTLS,
+    MODERN,
+    NO_STARTTLS,
+    RSA_KEY_EXCHANGE_ONLY,
+    STARTTLS_454,
+    TLS10_ONLY,
+    TLS12_SELF_SIGNED,
+    TLS13_ONLY,
+    WRONG_HOST_CERT,
+    Behaviour,
+    DnsServer,
+    MxServer,
+    Query,
+    TlsSession,
+    World,
+)
+from tests.world.dns import Transport
+
+SMTP_PORT = 25251  # this file's own port, below Linux's ephemeral range
+CLIENT_NAME = "client.test"
+SENDER = "alice@relay.test"
+ACCEPTED = "250 2.0.0 Message accepted"
+NO_SUCH_USER = "550 5.1.1 No such user"
+TRY_LATER = "451 4.3.0 Try again later"
+TLS_UNAVAILABLE = (454, b"4.7.0 TLS not available due to temporary reason")
+DKIM_KEY = "v=DKIM1; k=rsa; p=" + "MIIBIjANBgkqhkiG9w0BAQEFAAOCAQ8AMIIBCgKCAQEA" * 9  # ~420 chars
+
+
+@pytest.fixture
+async def dns_server() -> AsyncIterator[DnsServer]:
+    async with DnsServer() as server:
+        yield server
+
+
+@pytest.fixture
+async def world(tmp_path: Path) -> AsyncIterator[World]:
+    async with World(tmp_path, smtp_port=SMTP_PORT) as w:
+        yield w
+
+
+async def ask(
+    server: DnsServer, name: str, rdtype: str, *, tcp: bool = False
+) -> dns.message.Message:
+    host, port = server.address
+    query = dns.message.make_query(name, rdtype)
+    if tcp:
+        return await dns.asyncquery.tcp(query, host, port=port, timeout=2)
+    return await dns.asyncquery.udp(query, host, port=port, timeout=2)
+
+
+# -- DNS -------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("tcp", [False, True])
+async def test_dns_answers_exactly_and_authoritatively(dns_server: DnsServer, tcp: bool) -> None:
+    dns_server.add("example.org", "MX", "10 mx1.example.org")  # no final dot: still absolute
+    dns_server.add("mx1.example.org", "A", "127.0.1.1", ttl=60)
+    dns_server.add("mx1.example.org", "A", "127.0.1.2", ttl=60)
+
+    mx = await ask(dns_server, "example.org", "MX", tcp=tcp)
+    a = await ask(dns_server, "MX1.Example.Org", "A", tcp=tcp)
+
+    assert mx.rcode() == dns.rcode.NOERROR
+    assert mx.flags & dns.flags.AA
+    assert mx.answer == [
+        dns.rrset.from_text("example.org.", 300, "IN", "MX", "10 mx1.example.org.")
+    ]
+    assert a.answer == [
+        dns.rrset.from_text("mx1.example.org.", 60, "IN", "A", "127.0.1.1", "127.0.1.2")
+    ]
+    transport: Transport = "tcp" if tcp else "udp"
+    assert dns_server.queries == [
+        Query("example.org", "MX", transport),
+        Query("mx1.example.org", "A", transport),
+    ]
+
+
+async def test_nxdomain_nodata_and_empty_non_terminal(dns_server: DnsServer) -> None:
+    dns_server.add("sel._domainkey.example.org", "TXT", "v=DKIM1; p=")
+
+    missing = await ask(dns_server, "nowhere.example.org", "A")
+    nodata = await ask(dns_server, "sel._domainkey.example.org", "A")
+    empty_non_terminal = await ask(dns_server, "_domainkey.example.org", "TXT")
+
+    assert (missing.rcode(), missing.answer) == (dns.rcode.NXDOMAIN, [])
+    assert (nodata.rcode(), nodata.answer) == (dns.rcode.NOERROR, [])
+    assert (empty_non_terminal.rcode(), empty_non_terminal.answer) == (dns.rcode.NOERROR, [])
+    # The SOA in negative answers gives resolvers a negative-caching TTL.
+    assert [rrset.rdtype for rrset in missing.authority] == [dns.rdatatype.SOA]
+    assert missing.flags & dns.flags.AA
+
+
+async def test_remove_makes_a_name_disappear(dns_server: DnsServer) -> None:
+    dns_server.add("mx1.example.org", "A", "127.0.1.1")
+    dns_server.remove("mx1.example.org", "A")
+
+    assert (await ask(dns_server, "mx1.example.org", "A")).rcode() == dns.rcode.NXDOMAIN
+
+
+async def test_long_txt_is_split_into_255_byte_strings(dns_server: DnsServer) -> None:
+    dns_server.add("sel._domainkey.example.org", "TXT", DKIM_KEY)
+    dns_server.add_txt("example.org", ["v=spf1 ", "-all"])
+
+    dkim = await ask(dns_server, "sel._domainkey.example.org", "TXT", tcp=True)
+    spf = await ask(dns_server, "example.org", "TXT")
+
+    strings = next(iter(dkim.answer[0])).strings
+    assert [len(s) for s in strings] == [255, len(DKIM_KEY) - 255]
+    assert b"".join(strings).decode() == DKIM_KEY
+    assert next(iter(spf.answer[0])).strings == (b"v=spf1 ", b"-all")
+
+
+async def test_udp_answer_too_big_is_truncated_and_resolver_retries_over_tcp(
+    dns_server: DnsServer,
+) -> None:
+    for i in range(3):
+        dns_server.add("big.example.org", "TXT", f"{i}" * 300)
+    resolver = dns.asyncresolver.Resolver(configure=False)
+    resolver.nameservers = [dns.nameserver.Do53Nameserver(*dns_server.address)]
+
+    udp = await ask(dns_server, "big.example.org", "TXT")
+    answer = await resolver.resolve("big.example.org", "TXT")
+
+    assert udp.flags & dns.flags.TC
+    assert udp.answer == []
+    assert answer.rrset is not None
+    assert sorted(b"".join(rd.strings) for rd in answer.rrset) == [
+        b"0" * 300,
+        b"1" * 300,
+        b"2" * 300,
+    ]
+    assert [q.transport for q in dns_server.queries] == ["udp", "udp", "tcp"]
+
+
+async def test_cname_is_followed_inside_the_server(dns_server: DnsServer) -> None:
+    dns_server.add("sel._domainkey.example.org", "CNAME", "sel.dkim.provider.test.")
+    dns_server.add("sel.dkim.provider.test", "TXT", "v=DKIM1; p=")
+
+    response = await ask(dns_server, "sel._domainkey.example.org", "TXT")
+
+    assert [rrset.rdtype for rrset in response.answer] == [dns.rdatatype.CNAME, dns.rdatatype.TXT]
+
+
+@pytest.mark.parametrize("tcp", [False, True])
+async def test_servfail_then_heal(dns_server: DnsServer, tcp: bool) -> None:
+    dns_server.add("example.org", "MX", "10 mx1.example.org.")
+    dns_server.servfail("example.org")
+    failed = await ask(dns_server, "example.org", "MX", tcp=tcp)
+    dns_server.heal("example.org")
+    healed = await ask(dns_server, "example.org", "MX", tcp=tcp)
+
+    assert (failed.rcode(), failed.answer) == (dns.rcode.SERVFAIL, [])
+    assert healed.rcode() == dns.rcode.NOERROR
+
+
+@pytest.mark.parametrize("tcp", [False, True])
+async def test_dropped_name_times_out(dns_server: DnsServer, tcp: bool) -> None:
+    dns_server.add("example.org", "MX", "10 mx1.example.org.")
+    dns_server.drop("example.org")
+    host, port = dns_server.address
+    query = dns.message.make_query("example.org", "MX")
+
+    with pytest.raises(dns.exception.Timeout):
+        if tcp:
+            await dns.asyncquery.tcp(query, host, port=port, timeout=0.2)
+        else:
+            await dns.asyncquery.udp(query, host, port=port, timeout=0.2)
+
+
+# -- MX servers: TLS -------------------------------------------------------------------------------
+
+
+def inspecting_context() -> ssl.SSLContext:
+    """Accepts any certificate and offers every suite, so what the server chose can be named."""
+    ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+    ctx.check_hostname = False
+    ctx.verify_mode = ssl.CERT_NONE
+    ctx.minimum_version = ssl.TLSVersion.TLSv1
+    ctx.set_ciphers("ALL:@SECLEVEL=0")
+    return ctx
+
+
+async def read_reply(reader: asyncio.StreamReader) -> list[str]:
+    lines = [(await reader.readline()).decode().rstrip("\r\n")]
+    while lines[-1][3:4] == "-":
+        lines.append((await reader.readline()).decode().rstrip("\r\n"))
+    return lines
+
+
+async def starttls(
+    server: MxServer, ctx: ssl.SSLContext, *, server_hostname: str | None = None
+) -> TlsSession:
+    """EHLO, STARTTLS and a handshake with a plain asyncio client; what was negotiated."""
+    reader, writer = await asyncio.open_connection(*server.address)
+    try:
+        await read_reply(reader)
+        writer.write(f"EHLO {CLIENT_NAME}\r\nSTARTTLS\r\n".encode())
+        assert "250 STARTTLS" in await read_reply(reader)
+        assert await read_reply(reader) == ["220 2.0.0 Ready to start TLS"]
+        await writer.start_tls(ctx, server_hostname=server_hostname)
+        tls = writer.get_extra_info("ssl_object")
+        return TlsSession(tls.version(), tls.cipher()[0])
+    finally:
+        writer.close()
+        with contextlib.suppress(Exception):
+            await writer.wait_closed()
+
+
+@pytest.mark.parametrize(
+    ("behaviour", "expected"),
+    [
+        (MODERN, TlsSession("TLSv1.3", "TLS_AES_256_GCM_SHA384")),
+        (TLS13_ONLY, TlsSession("TLSv1.3", "TLS_AES_256_GCM_SHA384")),
+        (TLS12_SELF_SIGNED, TlsSession("TLSv1.2", "ECDHE-ECDSA-AES128-GCM-SHA256")),
+        (TLS10_ONLY, TlsSession("TLSv1", "ECDHE-ECDSA-AES256-SHA")),
+        (RSA_KEY_EXCHANGE_ONLY, TlsSession("TLSv1.2", "AES128-GCM-SHA256")),
+        (CBC_ONLY, TlsSession("TLSv1.2", "ECDHE-RSA-AES128-SHA256")),
+    ],
+)
+async def test_each_tls_mode_negotiates_what_it_names(
+    world: World, behaviour: Behaviour, expected: TlsSession
+) -> None:
+    mx = await world.add_mx("example.org", behaviour)
+
+    assert await starttls(mx, inspecting_context()) == expected
+    await mx.wait_until(lambda s: s.connections[0].closed)
+    assert mx.tls_sessions == [expected]
+
+
+@pytest.mark.parametrize(
+    ("behaviour", "verify_message"),
+    [
+        (MODERN, None),
+        (EXPIRED_CERT, "certificate has expired"),
+        (WRONG_HOST_CERT, "Hostname mismatch, certificate is not valid for 'mx1.example.org'."),
+        (TLS12_SELF_SIGNED, "self-signed certificate"),
+    ],
+)
+async def test_certificates_verify_only_when_they_should(
+    world: World, behaviour: Behaviour, verify_message: str | None
+) -> None:
+    mx = await world.add_mx("example.org", behaviour)
+    verifying = ssl.create_default_context(cafile=world.ca_file)
+
+    if verify_message is None:
+        await starttls(mx, verifying, server_hostname=mx.hostname)
+    else:
+        with pytest.raises(ssl.SSLCertVerificationError) as failure:
+            await starttls(mx, verifying, server_hostname=mx.hostname)
+        assert failure.value.verify_message == verify_message
+
+
+async def test_a_modern_client_cannot_handshake_with_tls10_only(world: World) -> None:
+    mx = await world.add_mx("example.org", TLS10_ONLY)
+
+    with pytest.raises(ssl.SSLError) as failure:
+        await starttls(mx, ssl.create_default_context(cafile=world.ca_file))
+    await mx.wait_until(lambda s: s.connections[0].closed)
+
+    # The server sent its alert, as a real MX does; the client names it.
+    assert failure.value.reason == "TLSV1_ALERT_PROTOCOL_VERSION"
+    assert mx.connections[0].tls is None
+    assert "UNSUPPORTED_PROTOCOL" in (mx.connections[0].tls_error or "")
+
+
+def smtp_client(server: MxServer) -> smtplib.SMTP:
+    return smtplib.SMTP(*server.address, local_hostname=CLIENT_NAME, timeout=5)
+
+
+def try_starttls(server: MxServer) -> BaseException | None:
+    with smtp_client(server) as client:
+        try:
+            client.starttls(context=inspecting_context())
+        except (smtplib.SMTPException, ssl.SSLError) as e:
+            return e
+        return None
+
+
+async def test_no_starttls_is_not_advertised_and_refused_if_sent(world: World) -> None:
+    mx = await world.add_mx("example.org", NO_STARTTLS)
+
+    def session() -> tuple[bool, tuple[int, bytes]]:
+        with smtp_client(mx) as client:
+            client.ehlo()
+            return client.has_extn("starttls"), client.docmd("STARTTLS")
+
+    assert await asyncio.to_thread(session) == (False, (502, b"5.5.1 STARTTLS not offered"))
+
+
+async def test_starttls_454(world: World) -> None:
+    mx = await world.add_mx("example.org", STARTTLS_454)
+
+    error = await asyncio.to_thread(try_starttls, mx)
+
+    assert isinstance(error, smtplib.SMTPResponseException)
+    assert (error.smtp_code, error.smtp_error) == TLS_UNAVAILABLE
+
+
+async def test_garbage_instead_of_a_handshake(world: World) -> None:
+    mx = await world.add_mx("example.org", GARBAGE_AFTER_STARTTLS)
+
+    error = await asyncio.to_thread(try_starttls, mx)
+
+    assert isinstance(error, ssl.SSLError)
+    assert error.reason == "WRONG_VERSION_NUMBER"
+
+
+# -- MX servers: the SMTP session and what it records ---------------------------------------------
+
+
+async def test_two_messages_on_one_connection_over_tls(world: World) -> None:
+    mx = await world.add_mx("example.org", MODERN)
+
+    def session() -> None:
+        with smtp_client(mx) as client:
+            client.starttls(context=inspecting_context())
+            client.sendmail(SENDER, ["bob@example.org"], b"Subject: one\r\n\r\n.leading dot\r\n")
+            client.sendmail(SENDER, ["carol@example.org"], b"Subject: two\r\n\r\nbody\r\n")
+
+    await asyncio.to_thread(session)
+
+    messages = await mx.wait_for_messages(2)
+    assert [(m.mail_from, m.rcpt_tos, m.data, m.tls) for m in messages] == [
+        (SENDER, ("bob@example.org",), b"Subject: one\r\n\r\n.leading dot\r\n", True),
+        (SENDER, ("carol@example.org",), b"Subject: two\r\n\r\nbody\r\n", True),
+    ]
+    assert len(mx.connections) == 1
+    assert [(c.line.split()[0], c.tls) for c in mx.commands[:4]] == [
+        ("ehlo", False),
+        ("STARTTLS", False),
+        ("ehlo", True),
+        ("mail", True),
+    ]
+    assert not mx.saw_mail_from_without_tls
+    assert not mx.received_message_bytes_before_tls
+
+
+async def test_plaintext_delivery_is_visible(world: World) -> None:
+    mx = await world.add_mx("example.org", NO_STARTTLS)
+
+    def session() -> None:
+        with smtp_client(mx) as client:
+            client.sendmail(SENDER, ["bob@example.org"], b"Subject: plain\r\n\r\nsecret\r\n")
+
+    await asyncio.to_thread(session)
+
+    assert mx.saw_mail_from_without_tls
+    assert mx.received_message_bytes_before_tls
+    assert [m.tls for m in mx.messages] == [False]
+
+
+async def test_rcpt_replies_per_recipient(world: World) -> None:
+    behaviour = Behaviour(rcpt_replies={"nobody@example.org": NO_SUCH_USER})
+    mx = await world.add_mx("example.org", behaviour)
+
+    def session() -> dict[str, tuple[int, bytes]]:
+        with smtp_client(mx) as client:
+            client.starttls(context=inspecting_context())
+            return client.sendmail(SENDER, ["Nobody@example.org", "bob@example.org"], b"x\r\n")
+
+    refused = await asyncio.to_thread(session)
+
+    assert refused == {"Nobody@example.org": (550, b"5.1.1 No such user")}
+    assert [m.rcpt_tos for m in mx.messages] == [("bob@example.org",)]
+
+
+async def test_behaviour_can_change_between_attempts(world: World) -> None:
+    mx = await world.add_mx("example.org", Behaviour(rcpt_reply=TRY_LATER))
+
+    def attempt() -> None:
+        with smtp_client(mx) as client:
+            client.starttls(context=inspecting_context())
+            client.sendmail(SENDER, ["bob@example.org"], b"x\r\n")
+
+    with pytest.raises(smtplib.SMTPRecipientsRefused):
+        await asyncio.to_thread(attempt)
+    mx.behaviour = MODERN
+    await asyncio.to_thread(attempt)
+
+    assert len(mx.messages) == 1
+
+
+async def test_hang_up_instead_of_replying_to_data(world: World) -> None:
+    mx = await world.add_mx("example.org", dataclasses.replace(MODERN, data_reply=None))
+
+    def attempt() -> None:
+        with smtp_client(mx) as client:
+            client.starttls(context=inspecting_context())
+            client.sendmail(SENDER, ["bob@example.org"], b"x\r\n")
+
+    with pytest.raises(smtplib.SMTPServerDisconnected):
+        await asyncio.to_thread(attempt)
+    assert (mx.messages, [m.reply for m in mx.all_messages]) == ([], [""])
+
+
+async def test_world_publishes_mx_and_a_records(world: World) -> None:
+    first = await world.add_mx("example.org", MODERN, preference=10)
+    second = await world.add_mx("example.org", MODERN, preference=20)
+
+    mx = await ask(world.dns, "example.org", "MX")
+    a = await ask(world.dns, "mx2.example.org", "A")
+
+    assert (first.address, second.address) == (("127.0.1.1", SMTP_PORT), ("127.0.1.2", SMTP_PORT))
+    assert mx.answer == [
+        dns.rrset.from_text(
+            "example.org.", 300, "IN", "MX", "10 mx1.example.org.", "20 mx2.example.org."
+        )
+    ]
+    assert a.answer == [dns.rrset.from_text("mx2.example.org.", 300, "IN", "A", "127.0.1.2")]
+
+
+async def test_stop_closes_idle_connections(world: World) -> None:
+    mx = await world.add_mx("example.org", MODERN)
+    reader, writer = await asyncio.open_connection(*mx.address)
+    await read_reply(reader)
+
+    async with asyncio.timeout(2):
+        await mx.stop()
+        assert await reader.read() == b""
+    writer.close()
+    await writer.wait_closed()
