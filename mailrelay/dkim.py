@@ -10,6 +10,7 @@ async callers should run `sign` in a worker thread.
 from __future__ import annotations
 
 import base64
+import functools
 import contextlib
 import ipaddress
 import os
@@ -134,8 +135,14 @@ def public_record(private_key_path: str) -> str:
     return f"v=DKIM1; k=ed25519; p={base64.b64encode(raw).decode('ascii')}"
 
 
+@functools.lru_cache(maxsize=256)
 def load_private_key(path: str) -> bytes:
-    """The key at `path` in the form `dkim.sign` takes: PEM for RSA, the base64 seed for Ed25519."""
+    """The key at `path` in the form `dkim.sign` takes: PEM for RSA, the base64 seed for Ed25519.
+
+    Cached: loading an RSA key checks its consistency (~37 ms here, measured by
+    scripts/bench_submission.py's profile), which would otherwise be paid for every message.
+    Safe because a key file is never rewritten: each rotation makes a new selector and file.
+    """
     key = _load(path)
     if isinstance(key, rsa.RSAPrivateKey):
         return key.private_bytes(

@@ -149,11 +149,12 @@ async def test_nxdomain(dns_server: DnsServer, resolver: MxResolver) -> None:
     assert (result.permanent, result.status) == (True, "5.1.2")
 
 
-async def test_a_name_that_cannot_exist(resolver: MxResolver) -> None:
-    result = await resolver.resolve_mx("exa..mple.org")
+@pytest.mark.parametrize("domain", ["exa..mple.org", "", ".", "a" * 64 + ".org"])
+async def test_a_name_that_cannot_exist(resolver: MxResolver, domain: str) -> None:
+    result = await resolver.resolve_mx(domain)
 
     assert isinstance(result, NoSuchDomain)
-    assert result.detail.startswith("'exa..mple.org' is not a valid domain name")
+    assert result.detail.startswith(f"{domain!r} is not a valid domain name")
 
 
 async def test_servfail_is_temporary(dns_server: DnsServer, resolver: MxResolver) -> None:

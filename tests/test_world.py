@@ -444,3 +444,15 @@ async def test_stop_closes_idle_connections(world: World) -> None:
         assert await reader.read() == b""
     writer.close()
     await writer.wait_closed()
+
+
+async def test_dns_stop_closes_idle_tcp_connections() -> None:
+    server = DnsServer()
+    await server.start()
+    reader, writer = await asyncio.open_connection(*server.address)
+
+    async with asyncio.timeout(2):
+        await server.stop()
+        assert await reader.read() == b""
+    writer.close()
+    await writer.wait_closed()

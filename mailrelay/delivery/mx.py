@@ -132,8 +132,11 @@ def _negative_ttl(response: dns.message.Message | None) -> int:
 class MxResolver:
     """Resolves and caches MX answers; one per process, shared by delivery workers.
 
-    `failure_ttl` is how long a TemporaryDnsFailure is remembered: 0 (the default) asks again
-    on the next attempt, which the retry schedule already spaces out.
+    `timeout` bounds each DNS question; the address questions for all MX hosts are asked
+    together, so one resolution takes at most about twice `timeout`. `failure_ttl` is how long
+    a TemporaryDnsFailure is remembered: 0 (the default) asks again on the next attempt, which
+    the retry schedule already spaces out. Concurrent misses for one domain each ask the DNS;
+    the cache only spares later attempts.
     """
 
     def __init__(
@@ -165,6 +168,8 @@ class MxResolver:
         except (dns.exception.DNSException, UnicodeError) as e:
             return NoSuchDomain(domain, f"{domain!r} is not a valid domain name: {e}")
         key = name.to_text(omit_final_dot=True).lower()
+        if name == dns.name.root:
+            return NoSuchDomain(domain, f"{domain!r} is not a valid domain name: empty")
         now = self._clock()
         cached = self._cache.get(key)
         if cached is None or cached.expires <= now:

@@ -11,8 +11,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import functools
-import os
 import re
 import ssl
 from dataclasses import dataclass
@@ -24,13 +22,13 @@ import aiosmtplib
 from mailrelay.config import CipherProfile, SecurityLevel
 from mailrelay.delivery.tls_policy import (
     CertificateFacts,
-    Insecure,
     Refused,
     certificate_facts,
-    client_context,
     grade,
+    shared_client_context,
     verify_chain,
 )
+from mailrelay.delivery.tls_policy import Insecure as Insecure  # re-exported, used with Failure
 
 
 class Outcome(StrEnum):
@@ -133,7 +131,7 @@ class SendResult:
 # the server's TLS stack worked and said no. Anything else (garbage, reset, timeout, internal
 # errors) means the handshake broke rather than failed.
 _NEGOTIATION_REASONS = frozenset(
-    {
+    [
         "UNSUPPORTED_PROTOCOL",
         "NO_PROTOCOLS_AVAILABLE",
         "NO_CIPHERS_AVAILABLE",
@@ -145,12 +143,12 @@ _NEGOTIATION_REASONS = frozenset(
         "CA_MD_TOO_WEAK",
         "UNSAFE_LEGACY_RENEGOTIATION_DISABLED",
         "WRONG_SIGNATURE_TYPE",
+        "INAPPROPRIATE_FALLBACK",
         "NO_SUITABLE_SIGNATURE_ALGORITHM",
         "NO_SHARED_SIGNATURE_ALGORITHMS",
-        "INAPPROPRIATE_FALLBACK",
-    }
+    ]
 )
-_TRANSIENT_ALERTS = frozenset(
+_BROKEN_ALERTS = frozenset(
     {"TLSV1_ALERT_INTERNAL_ERROR", "SSLV3_ALERT_BAD_RECORD_MAC", "TLSV1_ALERT_USER_CANCELLED"}
 )
 _ENCODING_DER = 2  # _ssl.ENCODING_DER, which typeshed does not declare
@@ -171,7 +169,7 @@ async def open_session(
     command_timeout: float = 120.0,
 ) -> Session | Failure:
     """Connect to `address`:`port` (the MX called `mx_name`) and set up graded TLS."""
-    context = _context(security_level, ca_file, _mtime(ca_file))
+    context = shared_client_context(security_level, ca_file)
     smtp = aiosmtplib.SMTP(
         hostname=address,
         port=port,
@@ -221,6 +219,24 @@ class _Attempt:
         detail = f"{self.where}: {self.stage} was answered {reply}"
         return Failure(outcome, reply.status, detail, reply=reply)
 
+    def handshake_failure(self, exc: ssl.SSLError) -> Failure:
+        """Classify a failed TLS handshake.
+
+        A certificate that does not verify, an alert, or "no protocol/cipher in common" is the
+        server's TLS stack answering coherently: it will answer the same next time, so the
+        destination is insecure (permanent, 5.7.5) and the bounce can say why. Garbage where a
+        handshake should be, a reset, a timeout or an internal error means the TLS conversation
+        never properly happened -- a middlebox, an overloaded or restarting server -- so we
+        retry (transient, 4.7.5) rather than bounce on a flake. Neither falls back to plaintext.
+        """
+        reason = exc.reason or ""
+        if isinstance(exc, ssl.SSLCertVerificationError):
+            message = exc.verify_message or reason or str(exc)
+            return self.insecure(Insecure.CERTIFICATE, f"certificate not accepted: {message}")
+        if reason in _NEGOTIATION_REASONS or ("ALERT" in reason and reason not in _BROKEN_ALERTS):
+            return self.insecure(Insecure.HANDSHAKE, f"TLS handshake failed: {reason}")
+        return self.transient("4.7.5", f"TLS handshake broke off: {reason or exc}")
+
     async def run(
         self,
         security_level: SecurityLevel,
@@ -261,7 +277,7 @@ class _Attempt:
                     server_hostname=self.mx_name, tls_context=self.context, timeout=command_timeout
                 )
             except ssl.SSLError as exc:
-                return _handshake_failure(exc, self.where)
+                return self.handshake_failure(exc)
             except aiosmtplib.SMTPReadTimeoutError:
                 return self.transient("4.4.2", "timed out waiting for the reply to STARTTLS")
             except (aiosmtplib.SMTPTimeoutError, aiosmtplib.SMTPServerDisconnected) as exc:
@@ -295,35 +311,6 @@ class _Attempt:
             return self.transient("4.4.2", f"connection lost during {self.stage}")
         except aiosmtplib.SMTPResponseException as exc:  # e.g. a malformed reply line
             return self.transient("4.5.0", f"protocol error during {self.stage}: {exc.message}")
-
-
-def _handshake_failure(exc: ssl.SSLError, where: str) -> Failure:
-    """Classify a failed TLS handshake.
-
-    A certificate that does not verify, an alert, or "no protocol/cipher in common" is the
-    server's TLS stack answering coherently: it will answer the same next time, so the
-    destination is insecure (permanent, 5.7.5) and the bounce can say why. Garbage where a
-    handshake should be, a reset, a timeout or an internal error means the TLS conversation
-    never properly happened -- a middlebox, an overloaded or restarting server -- so we retry
-    (transient, 4.7.5) rather than bounce on a flake. Neither ever falls back to plaintext.
-    """
-    reason = exc.reason or ""
-    if isinstance(exc, ssl.SSLCertVerificationError):
-        message = exc.verify_message or reason or str(exc)
-        return Failure(
-            Outcome.PERMANENT,
-            Insecure.CERTIFICATE.status,
-            f"{where}: certificate not accepted: {message}",
-            Insecure.CERTIFICATE,
-        )
-    if reason in _NEGOTIATION_REASONS or ("ALERT" in reason and reason not in _TRANSIENT_ALERTS):
-        return Failure(
-            Outcome.PERMANENT,
-            Insecure.HANDSHAKE.status,
-            f"{where}: TLS handshake failed: {reason}",
-            Insecure.HANDSHAKE,
-        )
-    return Failure(Outcome.TRANSIENT, "4.7.5", f"{where}: TLS handshake broke off: {reason or exc}")
 
 
 async def _tls_facts(
@@ -361,19 +348,6 @@ async def _quit(smtp: aiosmtplib.SMTP) -> None:
         with contextlib.suppress(aiosmtplib.SMTPException, OSError, TimeoutError):
             await smtp.quit(timeout=5.0)
     smtp.close()
-
-
-def _mtime(path: str) -> int:
-    try:
-        return os.stat(path).st_mtime_ns if path else 0
-    except OSError:
-        return 0
-
-
-@functools.lru_cache(maxsize=8)
-def _context(security_level: SecurityLevel, ca_file: str, _mtime_ns: int) -> ssl.SSLContext:
-    # One context per policy, reused: loading the trust store for every connection is slow.
-    return client_context(security_level, ca_file)
 
 
 class _Lost(Exception):

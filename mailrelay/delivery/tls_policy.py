@@ -117,12 +117,12 @@ def _aes(*modes: str) -> frozenset[tuple[str, str]]:
 
 
 _NCSC_TLS13 = frozenset(
-    {
+    [
         "TLS_AES_256_GCM_SHA384",
         "TLS_CHACHA20_POLY1305_SHA256",
         "TLS_AES_128_GCM_SHA256",
         "TLS_AES_128_CCM_SHA256",
-    }
+    ]
 )
 _RSA_OR_ECDSA = frozenset({"RSA", "ECDSA"})
 
@@ -132,11 +132,7 @@ PROFILES: dict[CipherProfile, Profile] = {
         protocols=frozenset({"TLSv1.3", "TLSv1.2"}),
         tls13_suites=_NCSC_TLS13,
         tls12_rules=(
-            Rule(
-                frozenset({"ECDHE"}),
-                _RSA_OR_ECDSA,
-                _aes("GCM") | {("CHACHA20", "POLY1305")},
-            ),
+            Rule(frozenset({"ECDHE"}), _RSA_OR_ECDSA, _aes("GCM") | {("CHACHA20", "POLY1305")}),
             Rule(frozenset({"ECDHE"}), frozenset({"ECDSA"}), _aes("CCM")),
         ),
     ),
@@ -144,12 +140,12 @@ PROFILES: dict[CipherProfile, Profile] = {
         name="nist-800-52r2",
         protocols=frozenset({"TLSv1.3", "TLSv1.2"}),
         tls13_suites=frozenset(
-            {
+            [
                 "TLS_AES_256_GCM_SHA384",
                 "TLS_AES_128_GCM_SHA256",
                 "TLS_AES_128_CCM_SHA256",
                 "TLS_AES_128_CCM_8_SHA256",
-            }
+            ]
         ),
         tls12_rules=(
             Rule(frozenset({"ECDHE"}), frozenset({"ECDSA"}), _aes("GCM", "CCM", "CCM_8", "CBC")),
@@ -355,6 +351,17 @@ def client_context(security_level: SecurityLevel, ca_file: str = "") -> ssl.SSLC
         context.check_hostname = False
         context.verify_mode = ssl.CERT_NONE
     return context
+
+
+def shared_client_context(security_level: SecurityLevel, ca_file: str = "") -> ssl.SSLContext:
+    """`client_context`, built once per policy and trust-anchor file version and then reused."""
+    return _cached_context(security_level, ca_file, _mtime(ca_file))
+
+
+@functools.lru_cache(maxsize=8)
+def _cached_context(security_level: SecurityLevel, ca_file: str, _mtime_ns: int) -> ssl.SSLContext:
+    # Loading the system trust store costs milliseconds; a context is safe to share.
+    return client_context(security_level, ca_file)
 
 
 @dataclass(frozen=True)

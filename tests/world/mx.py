@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Self, assert_never
 
 from tests.world.certs import KeyType
+from tests.world.dns import end_connections
 
 
 class Starttls(Enum):
@@ -254,13 +255,7 @@ class MxServer:
         if self._server is None:
             return
         self._server.close()
-        # Python 3.11's Server.close() leaves accepted connections open; abort them so no
-        # TLS shutdown waits on a client that is gone.
-        for writer in self._writers:
-            writer.transport.abort()
-        for task in self._tasks:
-            task.cancel()
-        await asyncio.gather(*self._tasks, return_exceptions=True)
+        await end_connections(self._writers, self._tasks)
         await self._server.wait_closed()
         self._server = None
 

@@ -1,0 +1,5 @@
+"""`python -m mailrelay` runs the command line."""
+
+from mailrelay.cli import main
+
+main()

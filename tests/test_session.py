@@ -1,0 +1,503 @@
+"""The delivery session against real receiving servers on loopback, one per TLS behaviour."""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+import pytest
+from cryptography import x509
+from cryptography.hazmat.primitives.serialization import Encoding
+
+from mailrelay.config import CipherProfile, SecurityLevel
+from mailrelay.delivery.session import (
+    Failure,
+    Insecure,
+    Outcome,
+    Reply,
+    Session,
+    open_session,
+)
+from mailrelay.delivery.tls_policy import PROFILES, Acceptable, grade, parse_suite
+from tests.world import (
+    CBC_ONLY,
+    EXPIRED_CERT,
+    GARBAGE_AFTER_STARTTLS,
+    MODERN,
+    NO_STARTTLS,
+    RSA_KEY_EXCHANGE_ONLY,
+    STARTTLS_454,
+    TLS10_ONLY,
+    TLS12_SELF_SIGNED,
+    TLS13_ONLY,
+    WRONG_HOST_CERT,
+    Behaviour,
+    MxServer,
+    TlsMode,
+    World,
+)
+from tests.world.mx import server_context
+
+SMTP_PORT = 2601  # this file's own port; the MX addresses are 127.0.26.x
+FIRST_ADDRESS = "127.0.26.1"
+EHLO_NAME = "relay.test"
+SENDER = "alice@sender.test"
+MESSAGE = (
+    b"From: Alice <alice@sender.test>\r\n"
+    b"To: bob@dest.test\r\n"
+    b"Subject: results\r\n"
+    b"\r\n"
+    b"Personal data.\r\n"
+    b".A line starting with a dot.\r\n"
+)
+ENVELOPE_VERBS = ("MAIL", "RCPT", "DATA", "BDAT")
+ACCEPTED_BY_MX = "250 2.0.0 Message accepted"
+
+
+@pytest.fixture
+async def world(tmp_path: Path) -> AsyncIterator[World]:
+    async with World(tmp_path, smtp_port=SMTP_PORT, first_address=FIRST_ADDRESS) as w:
+        yield w
+        # Whatever a test did, nothing ever reached any server outside TLS.
+        for server in w.servers:
+            assert not server.received_message_bytes_before_tls, server.hostname
+
+
+async def connect(
+    world: World,
+    server: MxServer,
+    level: SecurityLevel = "encrypt",
+    profile: CipherProfile = "ncsc-2025",
+    *,
+    ca_file: bool = True,
+) -> Session | Failure:
+    host, port = server.address
+    return await open_session(
+        server.hostname,
+        host,
+        port=port,
+        ehlo_name=EHLO_NAME,
+        security_level=level,
+        cipher_profile=profile,
+        ca_file=str(world.ca_file) if ca_file else "",
+        connect_timeout=5.0,
+        command_timeout=5.0,
+    )
+
+
+async def session(world: World, server: MxServer, level: SecurityLevel = "encrypt") -> Session:
+    result = await connect(world, server, level)
+    assert isinstance(result, Session), result
+    return result
+
+
+async def failure(
+    world: World,
+    server: MxServer,
+    level: SecurityLevel = "encrypt",
+    profile: CipherProfile = "ncsc-2025",
+    **kw: bool,
+) -> Failure:
+    result = await connect(world, server, level, profile, **kw)
+    assert isinstance(result, Failure), result
+    return result
+
+
+def assert_envelope_never_sent(server: MxServer) -> None:
+    lines = [c.line.upper() for c in server.commands]
+    assert not [line for line in lines if line.startswith(ENVELOPE_VERBS)], lines
+    assert server.all_messages == []
+
+
+def leaf_sha256(server: MxServer, world: World) -> str:
+    pem = (world.directory / "certs" / f"{server.hostname}.crt").read_bytes()
+    return hashlib.sha256(
+        x509.load_pem_x509_certificate(pem).public_bytes(Encoding.DER)
+    ).hexdigest()
+
+
+# -- secure servers: a session, its TLS facts recorded, and mail delivered ----------------------
+
+
+async def test_tls13_records_the_facts_and_delivers(world: World) -> None:
+    server = await world.add_mx("dest.test", TLS13_ONLY)
+    async with await session(world, server) as s:
+        assert s.tls.protocol == "TLSv1.3"
+        assert s.tls.cipher == server.tls_sessions[0].cipher
+        assert isinstance(grade("ncsc-2025", s.tls.protocol, s.tls.cipher), Acceptable)
+        cert = s.tls.certificate
+        assert cert is not None
+        assert cert.sha256 == leaf_sha256(server, world)
+        assert cert.subject == f"CN={server.hostname}"
+        assert cert.issuer == "CN=mailrelay test CA"
+        assert cert.not_before < cert.not_after
+        # "encrypt" does not require a valid chain, but records whether there was one.
+        assert s.tls.verified is True
+        assert s.tls.verify_error is None
+        result = await s.send(SENDER, ["bob@dest.test"], MESSAGE)
+    (rcpt,) = result.recipients
+    assert rcpt.outcome is Outcome.SENT
+    assert rcpt.reply == Reply(250, "2.0.0", "Message accepted")
+    assert rcpt.status == "2.0.0"
+    (message,) = await server.wait_for_messages()
+    assert message.tls
+    assert message.mail_from == SENDER
+    assert message.rcpt_tos == ("bob@dest.test",)
+    assert message.data == MESSAGE
+    assert server.commands[-1].line == "QUIT"
+
+
+async def test_tls12_self_signed_is_enough_for_encrypt(world: World) -> None:
+    server = await world.add_mx("dest.test", TLS12_SELF_SIGNED)
+    async with await session(world, server) as s:
+        assert s.tls.protocol == "TLSv1.2"
+        assert s.tls.cipher.startswith("ECDHE-ECDSA-AES") and "-GCM-" in s.tls.cipher
+        assert s.tls.certificate is not None
+        assert s.tls.certificate.issuer == s.tls.certificate.subject
+        assert s.tls.verified is False
+        assert s.tls.verify_error
+        result = await s.send(SENDER, ["bob@dest.test"], MESSAGE)
+    assert [r.outcome for r in result.recipients] == [Outcome.SENT]
+    await server.wait_for_messages()
+
+
+async def test_ca_signed_certificate_passes_verify_with_ca_file(world: World) -> None:
+    server = await world.add_mx("dest.test", MODERN)
+    async with await session(world, server, "verify") as s:
+        assert s.tls.verified is True
+        assert s.tls.protocol == "TLSv1.3"
+        result = await s.send(SENDER, ["bob@dest.test"], MESSAGE)
+    assert result.recipients[0].outcome is Outcome.SENT
+
+
+async def test_two_messages_over_one_session(world: World) -> None:
+    server = await world.add_mx("dest.test", MODERN)
+    async with await session(world, server) as s:
+        first = await s.send(SENDER, ["bob@dest.test"], MESSAGE)
+        second = await s.send("other@sender.test", ["carol@dest.test"], MESSAGE + b"Two.\r\n")
+        assert s.alive
+    assert first.recipients[0].outcome is second.recipients[0].outcome is Outcome.SENT
+    one, two = await server.wait_for_messages(2)
+    assert len(server.connections) == 1
+    assert (one.rcpt_tos, two.rcpt_tos) == (("bob@dest.test",), ("carol@dest.test",))
+    assert two.mail_from == "other@sender.test"
+    assert two.data.endswith(b"Two.\r\n")
+    verbs = [c.line.split()[0].upper() for c in server.commands]
+    assert verbs == [
+        *("EHLO", "STARTTLS", "EHLO", "MAIL", "RCPT", "DATA"),
+        *("RSET", "MAIL", "RCPT", "DATA", "QUIT"),
+    ]
+
+
+# -- insecure servers: refused before MAIL FROM, with the named reason ---------------------------
+
+
+@pytest.mark.parametrize("level", ["encrypt", "verify"])
+@pytest.mark.parametrize(
+    ("behaviour", "reason", "status", "detail"),
+    [
+        (NO_STARTTLS, Insecure.NO_STARTTLS, "5.7.4", "does not offer STARTTLS"),
+        (TLS10_ONLY, Insecure.PROTOCOL, "5.7.10", "negotiated TLSv1.0"),
+        (RSA_KEY_EXCHANGE_ONLY, Insecure.CIPHER, "5.7.10", "AES128-GCM-SHA256 uses RSA key"),
+        (CBC_ONLY, Insecure.CIPHER, "5.7.10", "uses CBC mode"),
+    ],
+    ids=["no-starttls", "tls1.0", "rsa-kx", "cbc"],
+)  # fmt: skip
+async def test_insecure_servers_are_refused(
+    world: World,
+    level: SecurityLevel,
+    behaviour: Behaviour,
+    reason: Insecure,
+    status: str,
+    detail: str,
+) -> None:
+    server = await world.add_mx("dest.test", behaviour)
+    result = await failure(world, server, level)
+    assert result.outcome is Outcome.PERMANENT
+    assert result.insecure is reason
+    assert result.status == status
+    assert result.detail.startswith(f"{server.hostname}[{server.address[0]}]: ")
+    assert detail in result.detail
+    assert_envelope_never_sent(server)
+    await server.wait_until(lambda s: all(c.closed for c in s.connections))
+    assert server.commands[-1].line == "QUIT"
+    if reason in (Insecure.PROTOCOL, Insecure.CIPHER):
+        # The refusal records exactly what the server negotiated.
+        assert result.tls is not None
+        (negotiated,) = server.tls_sessions
+        assert (result.tls.protocol, result.tls.cipher) == (negotiated.version, negotiated.cipher)
+
+
+@pytest.mark.parametrize(
+    ("behaviour", "message"),
+    [
+        (EXPIRED_CERT, "certificate has expired"),
+        (WRONG_HOST_CERT, "Hostname mismatch"),
+        (TLS12_SELF_SIGNED, "self-signed certificate"),
+    ],
+    ids=["expired", "wrong-host", "self-signed"],
+)
+async def test_certificate_failures_under_verify(
+    world: World, behaviour: Behaviour, message: str
+) -> None:
+    server = await world.add_mx("dest.test", behaviour)
+    result = await failure(world, server, "verify")
+    assert (result.outcome, result.insecure, result.status) == (
+        Outcome.PERMANENT,
+        Insecure.CERTIFICATE,
+        "5.7.5",
+    )
+    assert message in result.detail
+    assert_envelope_never_sent(server)
+
+
+async def test_verify_needs_the_ca(world: World) -> None:
+    server = await world.add_mx("dest.test", MODERN)
+    result = await failure(world, server, "verify", ca_file=False)
+    assert result.insecure is Insecure.CERTIFICATE
+    assert "unable to get local issuer certificate" in result.detail
+    assert_envelope_never_sent(server)
+
+
+@pytest.mark.parametrize("behaviour", [EXPIRED_CERT, WRONG_HOST_CERT])
+async def test_bad_certificates_are_enough_for_encrypt(world: World, behaviour: Behaviour) -> None:
+    server = await world.add_mx("dest.test", behaviour)
+    async with await session(world, server) as s:
+        assert s.tls.verified is False
+        assert s.tls.verify_error
+
+
+async def test_no_shared_cipher_is_a_handshake_failure(world: World) -> None:
+    # The world has no "no cipher in common" behaviour; this server offers only NULL
+    # encryption, which our client never offers, so its TLS stack answers with an alert.
+    server = await world.add_mx("dest.test", Behaviour(tls=TlsMode.TLS12_ECDHE_GCM))
+    cert = world.directory / "certs" / f"{server.hostname}.crt"
+    ctx = server_context(TlsMode.TLS12_ECDHE_GCM, cert, cert.with_suffix(".key"))
+    ctx.set_ciphers("eNULL:@SECLEVEL=0")
+    server._contexts[TlsMode.TLS12_ECDHE_GCM] = ctx  # world API has no hook for this
+    result = await failure(world, server)
+    assert (result.outcome, result.insecure, result.status) == (
+        Outcome.PERMANENT,
+        Insecure.HANDSHAKE,
+        "5.7.5",
+    )
+    assert "ALERT_HANDSHAKE_FAILURE" in result.detail
+    assert_envelope_never_sent(server)
+
+
+# -- the profile decides ---------------------------------------------------------------------
+
+
+async def test_nist_accepts_ecdhe_cbc(world: World) -> None:
+    server = await world.add_mx("dest.test", CBC_ONLY)
+    result = await connect(world, server, profile="nist-800-52r2")
+    assert isinstance(result, Session), result
+    suite = parse_suite(result.tls.cipher)
+    assert (suite.kx, suite.mode) == ("ECDHE", "CBC")
+    await result.close()
+
+
+async def test_nist_still_refuses_rsa_key_exchange(world: World) -> None:
+    server = await world.add_mx("dest.test", RSA_KEY_EXCHANGE_ONLY)
+    result = await failure(world, server, profile="nist-800-52r2")
+    assert result.insecure is Insecure.CIPHER
+
+
+async def test_tls13_only_refuses_tls12(world: World) -> None:
+    server = await world.add_mx("dest.test", TLS12_SELF_SIGNED)
+    result = await failure(world, server, profile="tls13-only")
+    assert result.insecure is Insecure.PROTOCOL
+    assert result.detail.endswith("negotiated TLSv1.2")
+    assert_envelope_never_sent(server)
+
+
+@pytest.mark.parametrize("profile", sorted(PROFILES))
+async def test_every_profile_accepts_a_modern_server(world: World, profile: CipherProfile) -> None:
+    server = await world.add_mx("dest.test", MODERN)
+    result = await connect(world, server, profile=profile)
+    assert isinstance(result, Session), result
+    await result.close()
+
+
+# -- transient trouble: retry later, never without TLS ------------------------------------------
+
+
+async def test_starttls_454_is_transient(world: World) -> None:
+    server = await world.add_mx("dest.test", STARTTLS_454)
+    result = await failure(world, server)
+    assert result.outcome is Outcome.TRANSIENT
+    assert result.insecure is None
+    assert result.reply == Reply(454, "4.7.0", "TLS not available due to temporary reason")
+    assert result.status == "4.7.0"
+    assert result.diagnostic == "smtp; 454 4.7.0 TLS not available due to temporary reason"
+    assert_envelope_never_sent(server)
+
+
+async def test_garbage_after_starttls_is_transient(world: World) -> None:
+    server = await world.add_mx("dest.test", GARBAGE_AFTER_STARTTLS)
+    result = await failure(world, server)
+    assert (result.outcome, result.insecure, result.status) == (Outcome.TRANSIENT, None, "4.7.5")
+    assert "TLS handshake broke off" in result.detail
+    assert_envelope_never_sent(server)
+
+
+async def test_connection_refused_is_transient(world: World) -> None:
+    server = await world.add_mx("dest.test", MODERN)
+    await server.stop()
+    result = await failure(world, server)
+    assert (result.outcome, result.status) == (Outcome.TRANSIENT, "4.4.1")
+
+
+async def test_silent_server_times_out_as_transient(world: World) -> None:
+    async def silent(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await reader.read()
+        writer.close()
+
+    silent_server = await asyncio.start_server(silent, "127.0.26.250", SMTP_PORT)
+    try:
+        result = await open_session(
+            "silent.dest.test",
+            "127.0.26.250",
+            port=SMTP_PORT,
+            ehlo_name=EHLO_NAME,
+            connect_timeout=0.3,
+            command_timeout=0.3,
+        )
+    finally:
+        silent_server.close()
+        await silent_server.wait_closed()
+    assert isinstance(result, Failure)
+    assert (result.outcome, result.status) == (Outcome.TRANSIENT, "4.4.1")
+
+
+@pytest.mark.parametrize(
+    ("greeting", "outcome", "status"),
+    [
+        ("421 4.3.2 {hostname} going down", Outcome.TRANSIENT, "4.3.2"),
+        ("554 5.7.1 {hostname} no service for you", Outcome.PERMANENT, "5.7.1"),
+    ],
+)
+async def test_greeting_refusals(
+    world: World, greeting: str, outcome: Outcome, status: str
+) -> None:
+    server = await world.add_mx("dest.test", Behaviour(greeting=greeting))
+    result = await failure(world, server)
+    assert (result.outcome, result.status, result.insecure) == (outcome, status, None)
+    assert result.reply is not None and result.reply.code == int(greeting[:3])
+    assert_envelope_never_sent(server)
+
+
+# -- per-recipient and per-message results ---------------------------------------------------
+
+
+async def test_recipient_replies_are_kept_per_recipient(world: World) -> None:
+    behaviour = Behaviour(
+        rcpt_replies={
+            "later@dest.test": "451 4.3.0 Try again later",
+            "nobody@dest.test": "550 5.1.1 No such user",
+        }
+    )
+    server = await world.add_mx("dest.test", behaviour)
+    async with await session(world, server) as s:
+        result = await s.send(
+            SENDER, ["bob@dest.test", "later@dest.test", "nobody@dest.test"], MESSAGE
+        )
+    bob, later, nobody = result.recipients
+    assert (bob.recipient, bob.outcome, bob.status) == ("bob@dest.test", Outcome.SENT, "2.0.0")
+    assert (later.outcome, later.status) == (Outcome.TRANSIENT, "4.3.0")
+    assert later.reply == Reply(451, "4.3.0", "Try again later")
+    assert (nobody.outcome, nobody.status) == (Outcome.PERMANENT, "5.1.1")
+    assert nobody.diagnostic == "smtp; 550 5.1.1 No such user"
+    assert result.with_outcome(Outcome.SENT) == [bob]
+    (message,) = await server.wait_for_messages()
+    assert message.rcpt_tos == ("bob@dest.test",)
+
+
+async def test_no_recipient_accepted_sends_no_data(world: World) -> None:
+    server = await world.add_mx("dest.test", Behaviour(rcpt_reply="550 5.1.1 No such user"))
+    async with await session(world, server) as s:
+        result = await s.send(SENDER, ["a@dest.test", "b@dest.test"], MESSAGE)
+        assert s.alive
+    assert [r.outcome for r in result.recipients] == [Outcome.PERMANENT] * 2
+    assert "DATA" not in [c.line for c in server.commands]
+
+
+@pytest.mark.parametrize(
+    ("data_reply", "outcome", "status"),
+    [
+        ("554 5.6.0 Content rejected", Outcome.PERMANENT, "5.6.0"),
+        ("451 4.3.0 Queue full", Outcome.TRANSIENT, "4.3.0"),
+    ],
+)
+async def test_data_reply_applies_to_every_accepted_recipient(
+    world: World, data_reply: str, outcome: Outcome, status: str
+) -> None:
+    behaviour = Behaviour(
+        data_reply=data_reply, rcpt_replies={"nobody@dest.test": "550 5.1.1 No such user"}
+    )
+    server = await world.add_mx("dest.test", behaviour)
+    async with await session(world, server) as s:
+        result = await s.send(SENDER, ["a@dest.test", "nobody@dest.test", "b@dest.test"], MESSAGE)
+        again = await s.send(SENDER, ["c@dest.test"], MESSAGE)  # RSET, then a clean transaction
+    a, nobody, b = result.recipients
+    assert (a.outcome, a.status, b.outcome, b.status) == (outcome, status, outcome, status)
+    assert a.reply is not None and str(a.reply) == data_reply
+    assert nobody.status == "5.1.1"
+    assert again.recipients[0].outcome is outcome
+
+
+async def test_mail_from_refused_decides_every_recipient(world: World) -> None:
+    server = await world.add_mx("dest.test", Behaviour(mail_reply="550 5.7.1 Sender rejected"))
+    async with await session(world, server) as s:
+        result = await s.send(SENDER, ["a@dest.test", "b@dest.test"], MESSAGE)
+    assert [(r.outcome, r.status) for r in result.recipients] == [(Outcome.PERMANENT, "5.7.1")] * 2
+    assert not [c for c in server.commands if c.line.startswith("RCPT")]
+
+
+async def test_hang_up_after_data_is_transient_and_ends_the_session(world: World) -> None:
+    server = await world.add_mx("dest.test", Behaviour(data_reply=None))
+    s = await session(world, server)
+    result = await s.send(SENDER, ["a@dest.test"], MESSAGE)
+    (rcpt,) = result.recipients
+    assert (rcpt.outcome, rcpt.status, rcpt.reply) == (Outcome.TRANSIENT, "4.4.2", None)
+    assert "DATA" in rcpt.detail
+    assert not s.alive
+    later = await s.send(SENDER, ["b@dest.test"], MESSAGE)
+    assert later.recipients[0].outcome is Outcome.TRANSIENT
+    await s.close()  # a dead peer is no error
+
+
+async def test_close_tolerates_a_server_that_went_away(world: World) -> None:
+    server = await world.add_mx("dest.test", MODERN)
+    s = await session(world, server)
+    await server.stop()
+    await s.close()
+    await s.close()
+
+
+async def test_extensions_used_only_as_offered(world: World) -> None:
+    server = await world.add_mx("dest.test", MODERN)  # offers SIZE and 8BITMIME, not SMTPUTF8
+    eight_bit = MESSAGE.replace(b"Personal data.", "Persönliche Daten.".encode())
+    async with await session(world, server) as s:
+        result = await s.send(SENDER, ["bob@dest.test", "jürgen@dest.test"], eight_bit)
+    bob, jurgen = result.recipients
+    assert bob.outcome is Outcome.SENT
+    assert (jurgen.outcome, jurgen.status) == (Outcome.PERMANENT, "5.6.7")
+    (mail,) = [c.line for c in server.commands if c.line.startswith("MAIL")]
+    assert mail == f"MAIL FROM:<{SENDER}> SIZE={len(eight_bit)} BODY=8BITMIME"
+    (message,) = await server.wait_for_messages()
+    assert message.rcpt_tos == ("bob@dest.test",)
+    assert message.data == eight_bit
+
+
+def test_reply_parsing() -> None:
+    assert Reply.parse(250, "2.1.5 Ok") == Reply(250, "2.1.5", "Ok")
+    assert Reply.parse(550, "5.1.1 No such user\n5.1.1 Try another") == Reply(
+        550, "5.1.1", "No such user\nTry another"
+    )
+    assert Reply.parse(550, "No enhanced code") == Reply(550, None, "No enhanced code")
+    assert str(Reply(550, "5.1.1", "No such\nuser")) == "550 5.1.1 No such user"
+    assert Reply(451, "5.1.1", "inconsistent").status == "4.0.0"
+    assert Reply(354, None, "go on").outcome is Outcome.PERMANENT
