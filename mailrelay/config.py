@@ -76,6 +76,8 @@ class DeliveryConfig:
     insecure_action: InsecureAction = "bounce"
     max_queue_lifetime: float = 5 * 86400.0
     workers: int = 16
+    # Accept and queue, but deliver nothing (maintenance, or a new install not yet trusted).
+    hold: bool = False
     connect_timeout: float = 30.0
     command_timeout: float = 120.0
     dns_timeout: float = 10.0
@@ -221,6 +223,7 @@ def parse(raw: dict[str, Any], *, base_dir: Path) -> Config:
         insecure_action=del_t.choice("insecure_action", InsecureAction, d.insecure_action),
         max_queue_lifetime=del_t.duration("max_queue_lifetime", d.max_queue_lifetime),
         workers=del_t.integer("workers", d.workers, 1, 1000),
+        hold=del_t.boolean("hold", False),
         connect_timeout=del_t.duration("connect_timeout", d.connect_timeout),
         command_timeout=del_t.duration("command_timeout", d.command_timeout),
         dns_timeout=del_t.duration("dns_timeout", d.dns_timeout),

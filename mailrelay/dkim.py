@@ -10,8 +10,8 @@ async callers should run `sign` in a worker thread.
 from __future__ import annotations
 
 import base64
-import functools
 import contextlib
+import functools
 import ipaddress
 import os
 import re

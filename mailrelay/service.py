@@ -14,6 +14,7 @@ import time
 
 from mailrelay import signing
 from mailrelay.config import Config
+from mailrelay.delivery.scheduler import DeliveryService
 from mailrelay.metrics import Metrics, MetricsServer
 from mailrelay.store import Store, accounts, connect, queue
 from mailrelay.submission.auth import PasswordChecker
@@ -56,6 +57,7 @@ class Service:
             checker,
             on_auth_failure=self.metrics.smtpd_sasl_authentication_failures.inc,
         )
+        self.delivery = DeliveryService(config, self.store, self.metrics, self.queue_changed)
         self.metrics_server = MetricsServer(self.metrics, config.metrics.listen)
         self._snapshot_conn: sqlite3.Connection | None = None
         self._snapshot_lock = threading.Lock()
@@ -83,6 +85,7 @@ class Service:
             log.info("event=recovered recipients=%d", released)
         self._snapshot_conn = connect(self.config.storage.path)
         await self.metrics_server.start()
+        await self.delivery.start()
         await self.submission.start()
         sd_notify("READY=1\nSTATUS=accepting mail")
         log.info("event=started hostname=%s", self.config.hostname)
@@ -94,6 +97,7 @@ class Service:
         sd_notify("STOPPING=1")
         log.info("event=stopping")
         await self.submission.stop()
+        await self.delivery.stop()
         await self.metrics_server.stop()
         await self.store.stop()
         with self._snapshot_lock:

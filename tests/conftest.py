@@ -75,6 +75,14 @@ def make_config(tmp_path: Path, **sections: dict[str, Any]) -> Config:
         "storage": {"path": str(tmp_path / "queue.sqlite3")},
         "dkim": {"key_dir": str(tmp_path / "dkim"), "rsa_bits": 1024},
         "metrics": {"listen": f"127.0.0.1:{free_port()}"},
+        # Never the real Internet: a loopback port and nameserver where nothing answers. Tests
+        # of delivery replace these with their world; tests of submission hold the queue.
+        "delivery": {
+            "hold": True,
+            "port": free_port(),
+            "nameservers": [f"127.0.0.1:{free_port()}"],
+            "dns_timeout": 1,
+        },
     }
     for name, values in sections.items():
         raw.setdefault(name, {}).update(values)

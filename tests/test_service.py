@@ -39,6 +39,10 @@ key_dir = "dkim"
 rsa_bits = 1024
 [metrics]
 listen = "127.0.0.1:{free_port()}"
+[delivery]
+hold = true
+port = {free_port()}
+nameservers = ["127.0.0.1:{free_port()}"]
 """
     )
     return path, port

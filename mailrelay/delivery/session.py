@@ -391,7 +391,10 @@ class Session:
         await _quit(self._smtp)
 
     async def send(self, mail_from: str, rcpt_tos: list[str], data: bytes) -> SendResult:
-        """One transaction: MAIL FROM, RCPT TO for each recipient, DATA."""
+        """One transaction (MAIL FROM, RCPT TO each, DATA); one result per recipient, in order.
+
+        Not safe to call concurrently on one Session: SMTP is one transaction at a time.
+        """
         results: dict[int, RecipientResult] = {}
 
         def decide(i: int, outcome: Outcome, status: str, reply: Reply | None, why: str) -> None:
@@ -467,6 +470,8 @@ class Session:
                 raise _Lost("timed out during DATA") from exc
             except aiosmtplib.SMTPServerDisconnected as exc:
                 raise _Lost("connection lost during DATA") from exc
+            except aiosmtplib.SMTPResponseException as exc:  # a malformed reply
+                raise _Lost(f"unreadable reply to DATA: {exc.message}") from exc
             return undecided(reply.outcome, reply.status, reply, f"DATA: {reply}")
         except _Lost as exc:
             self._smtp.close()

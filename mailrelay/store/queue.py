@@ -15,6 +15,7 @@ from typing import Literal
 
 FinalState = Literal["sent", "bounced"]
 RecipientState = Literal["queued", "active", "deferred", "sent", "bounced"]
+Verdict = Literal["sent", "deferred", "bounced", "insecure"]
 EventName = Literal["QUEUED", "REFUSED", "DELIVERED", "SOFT-BOUNCE", "HARD-BOUNCE"]
 
 
@@ -184,6 +185,15 @@ def release_active(conn: sqlite3.Connection, now: float) -> int:
     return cur.rowcount
 
 
+def release(conn: sqlite3.Connection, recipient_ids: list[int], when: float) -> None:
+    """Return claimed recipients to the queue, due at `when`, without counting an attempt."""
+    conn.executemany(
+        "UPDATE recipients SET state = CASE WHEN attempts > 0 THEN 'deferred' ELSE 'queued' END,"
+        " next_attempt_at = ?, updated_at = ? WHERE id = ? AND state = 'active'",
+        [(when, when, rid) for rid in recipient_ids],
+    )
+
+
 @dataclass(frozen=True)
 class Attempt:
     """What happened on one connection for one recipient: the operator's evidence."""
@@ -196,7 +206,7 @@ class Attempt:
     tls_cipher: str | None
     cert_fingerprint: str | None
     cert_verified: bool | None
-    verdict: Literal["sent", "deferred", "bounced", "insecure"]
+    verdict: Verdict
 
 
 @dataclass(frozen=True)

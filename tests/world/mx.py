@@ -246,6 +246,8 @@ class MxServer:
     # -- lifecycle -----------------------------------------------------------------------------
 
     async def start(self) -> None:
+        if self.behaviour.starttls is Starttls.OFFER:
+            self._context(self.behaviour.tls)  # a missing certificate fails here, not mid-test
         self._server = await asyncio.start_server(
             self._serve, self._address, self._port, limit=_LINE_LIMIT
         )
@@ -476,7 +478,8 @@ class _Channel:
                     await self._flush()
                     await self._receive()
                 except ssl.SSLError:
-                    await self._flush()  # the alert: the reason this class exists
+                    with contextlib.suppress(ConnectionError):
+                        await self._flush()  # the alert: the reason this class exists
                     raise
         await self._flush()  # TLS 1.3 session tickets
         self._tls = tls
