@@ -1,0 +1,114 @@
+"""The store: group commit, one failed operation not sinking its group, a full disk answered
+with 451 so the client keeps the message, and the AUTH tarpit's schedule."""
+
+from __future__ import annotations
+
+import asyncio
+import sqlite3
+from pathlib import Path
+
+import pytest
+
+from mailrelay.store import Store, queue
+from mailrelay.submission.auth import FailureThrottle
+from tests.conftest import Relay
+from tests.test_submission import MESSAGE, queued_id, send_raw
+
+
+def insert(n: int) -> queue.NewMessage:
+    return queue.NewMessage(
+        sender="alice@example.org",
+        recipients=(f"r{n}@example.net",),
+        data=MESSAGE,
+        auth_user="alice@example.org",
+        client_ip="127.0.0.1",
+        sender_domain="example.org",
+    )
+
+
+async def test_concurrent_writes_share_commits(tmp_path: Path) -> None:
+    store = Store(str(tmp_path / "q.sqlite3"))
+    await store.start()
+    try:
+        ids = await asyncio.gather(
+            *(store.write(lambda c, n=n: queue.enqueue(c, insert(n), 0.0)) for n in range(200))
+        )
+        assert len(set(ids)) == 200
+        # Operations that arrived while a commit was in progress rode on the next one.
+        assert store.commits < 200
+        count = await store.read(lambda c: c.execute("SELECT count(*) FROM messages").fetchone())
+        assert count[0] == 200
+    finally:
+        await store.stop()
+
+
+async def test_a_failing_operation_is_rolled_back_alone(tmp_path: Path) -> None:
+    store = Store(str(tmp_path / "q.sqlite3"))
+    await store.start()
+
+    def broken(conn: sqlite3.Connection) -> str:
+        queue.enqueue(conn, insert(0), 0.0)
+        raise ValueError("half done")
+
+    try:
+        results = await asyncio.gather(
+            store.write(lambda c: queue.enqueue(c, insert(1), 0.0)),
+            store.write(broken),
+            store.write(lambda c: queue.enqueue(c, insert(2), 0.0)),
+            return_exceptions=True,
+        )
+        assert isinstance(results[1], ValueError)
+        rcpts = await store.read(
+            lambda c: [r[0] for r in c.execute("SELECT address FROM recipients ORDER BY id")]
+        )
+        assert rcpts == ["r1@example.net", "r2@example.net"]
+    finally:
+        await store.stop()
+
+
+async def test_full_disk_is_a_451_and_nothing_is_half_queued(relay: Relay) -> None:
+    store = relay.service.store
+    pages = await store.read(lambda c: c.execute("PRAGMA page_count").fetchone()[0])
+    # SQLite's own "database or disk is full" (SQLITE_FULL), on the writer's connection.
+    await store.write(lambda c: c.execute(f"PRAGMA max_page_count = {pages + 1}"))
+
+    def submit() -> tuple[int, bytes]:
+        client = relay.session()
+        big = MESSAGE + (b"z" * 998 + b"\r\n") * 64 + b".\r\n"
+        reply = send_raw(client, "alice@example.org", ["bob@example.net"], big)
+        client.quit()
+        return reply
+
+    assert await asyncio.to_thread(submit) == (
+        451,
+        b"4.3.0 Local error: message not queued, try again later",
+    )
+    assert queue.list_queue(relay.db()) == []
+    await store.write(lambda c: c.execute("PRAGMA max_page_count = 1073741823"))
+    queued_id(await asyncio.to_thread(submit))
+
+
+@pytest.mark.parametrize(
+    ("failures", "delay"), [(0, 0.0), (1, 0.0), (2, 0.5), (3, 1.0), (4, 2.0), (9, 16.0)]
+)
+def test_tarpit_schedule(failures: int, delay: float) -> None:
+    now = [1000.0]
+    throttle = FailureThrottle(clock=lambda: now[0])
+    for _ in range(failures):
+        throttle.failed("192.0.2.1")
+    assert throttle.delay("192.0.2.1") == delay
+    assert throttle.delay("192.0.2.2") == 0.0  # per client address
+
+
+def test_tarpit_forgets_after_window_and_success() -> None:
+    now = [1000.0]
+    throttle = FailureThrottle(clock=lambda: now[0])
+    for _ in range(5):
+        throttle.failed("192.0.2.1")
+    assert throttle.delay("192.0.2.1") == 4.0
+    now[0] += throttle.window + 1
+    assert throttle.delay("192.0.2.1") == 0.0
+    for _ in range(5):
+        throttle.failed("192.0.2.1")
+    throttle.succeeded("192.0.2.1")
+    assert throttle.delay("192.0.2.1") == 0.0
