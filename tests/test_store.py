@@ -4,6 +4,7 @@ with 451 so the client keeps the message, and the AUTH tarpit's schedule."""
 from __future__ import annotations
 
 import asyncio
+import functools
 import sqlite3
 from pathlib import Path
 
@@ -30,9 +31,8 @@ async def test_concurrent_writes_share_commits(tmp_path: Path) -> None:
     store = Store(str(tmp_path / "q.sqlite3"))
     await store.start()
     try:
-        ids = await asyncio.gather(
-            *(store.write(lambda c, n=n: queue.enqueue(c, insert(n), 0.0)) for n in range(200))
-        )
+        ops = [functools.partial(queue.enqueue, message=insert(n), now=0.0) for n in range(200)]
+        ids = await asyncio.gather(*(store.write(op) for op in ops))
         assert len(set(ids)) == 200
         # Operations that arrived while a commit was in progress rode on the next one.
         assert store.commits < 200
