@@ -292,3 +292,26 @@ async def test_restart_mid_queue_then_retry(
     assert [e["event"] for e in r["events"]] == ["QUEUED", "SOFT-BOUNCE", "DELIVERED"]
     assert [m.rcpt_tos for m in flaky.messages] == [("bob@flaky.example",)]
     assert msg["body_kept"] is False  # delivered everywhere: the body is gone from the queue
+
+
+async def test_deferred_past_lifetime_bounces(
+    tmp_path: Path, relay_factory: RelayFactory, world: World
+) -> None:
+    await world.add_mx(
+        "slow.example", dataclasses.replace(MODERN, rcpt_reply="451 4.3.0 Try again later")
+    )
+    relay = await start_relay(tmp_path, relay_factory, world, max_queue_lifetime="1s")
+    queue_id = await asyncio.to_thread(submit, relay, ["bob@slow.example"])
+    await settled(relay, queue_id, lambda r: r["state"] == "deferred")
+    await asyncio.sleep(1.1)  # let the queue lifetime run out (not an assertion on timing)
+    conn = relay.db()
+    with queue.transaction(conn):
+        queue.retry(conn, queue_id, time.time())
+    msg = await settled(relay, queue_id, lambda r: r["state"] == "bounced")
+    [r] = msg["recipients"]
+    assert r["status"] == "4.4.7"
+    assert r["reply"].startswith("message expired in the queue; last error: smtp; 451 4.3.0")
+    home = world.servers[0]
+    await home.wait_until(lambda s: len(dsns(s)) == 1)
+    [block] = dsn_status(dsns(home)[0])
+    assert (block["Action"], block["Status"]) == ("failed", "4.4.7")
