@@ -22,8 +22,8 @@ import dns.rdatatype
 import dns.resolver
 from dns.rdtypes.ANY.TXT import TXT
 
-from mailrelay.config import split_nameserver
 from mailrelay.dkim import DkimKey
+from mailrelay.resolver import make_resolver
 
 Purpose = Literal["dkim", "spf", "dmarc"]
 
@@ -127,7 +127,7 @@ async def check(
     only the records that declare that version (v=spf1, v=DMARC1), since other TXT records
     (site verifications and the like) legitimately share the name.
     """
-    resolver = _resolver(nameservers, timeout)
+    resolver = make_resolver(nameservers, timeout)
     names = sorted({r.name for r in expected})
     answers = await asyncio.gather(*(_lookup(resolver, name) for name in names))
     by_name = dict(zip(names, answers, strict=True))
@@ -286,21 +286,6 @@ def _normalize(domain: str) -> str:
 
 
 # -- DNS -----------------------------------------------------------------------------------------
-
-
-def _resolver(nameservers: tuple[str, ...], timeout: float) -> dns.asyncresolver.Resolver:
-    if nameservers:
-        resolver = dns.asyncresolver.Resolver(configure=False)
-        resolver.nameservers = [
-            dns.nameserver.Do53Nameserver(host, port)
-            for host, port in (split_nameserver(ns) for ns in nameservers)
-        ]
-    else:
-        resolver = dns.asyncresolver.Resolver()
-    # One budget for the whole lookup, retries and TCP fallback included.
-    resolver.timeout = timeout
-    resolver.lifetime = timeout
-    return resolver
 
 
 async def _lookup(resolver: dns.asyncresolver.Resolver, name: str) -> tuple[list[str], str | None]:

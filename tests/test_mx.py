@@ -15,8 +15,8 @@ from mailrelay.delivery.mx import (
     NoSuchDomain,
     NullMx,
     TemporaryDnsFailure,
-    make_resolver,
 )
+from mailrelay.resolver import make_resolver
 from tests.world import DnsServer, Query
 
 DOMAIN = "example.org"

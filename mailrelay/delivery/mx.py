@@ -20,7 +20,7 @@ import dns.rdatatype
 import dns.rdtypes.ANY.MX
 import dns.resolver
 
-from mailrelay.config import split_nameserver
+from mailrelay.resolver import make_resolver
 
 DEFAULT_TIMEOUT = 5.0
 # Used when a negative answer carries no SOA to take a negative TTL from (RFC 2308 §5).
@@ -99,27 +99,6 @@ _Outcome = tuple[MxHost, ...] | NullMx | NoSuchDomain | TemporaryDnsFailure
 class _Cached:
     expires: float
     result: _Outcome
-
-
-def make_resolver(
-    nameservers: Sequence[str], timeout: float = DEFAULT_TIMEOUT
-) -> dns.asyncresolver.Resolver:
-    """A resolver for "ip" / "ip:port" / "[ipv6]:port" nameservers; none: the system's."""
-    if nameservers:
-        resolver = dns.asyncresolver.Resolver(configure=False)
-        resolver.nameservers = [
-            dns.nameserver.Do53Nameserver(host, port)
-            for host, port in (split_nameserver(ns) for ns in nameservers)
-        ]
-    else:
-        resolver = dns.asyncresolver.Resolver()
-    # `lifetime` bounds each question including retries and TCP fallback; `timeout` alone is
-    # per nameserver and would let several slow servers add up.
-    resolver.timeout = timeout
-    resolver.lifetime = timeout
-    # This module caches by TTL itself, so tests can move the clock; no second cache below it.
-    resolver.cache = None
-    return resolver
 
 
 def _negative_ttl(response: dns.message.Message | None) -> int:

@@ -36,6 +36,7 @@ class SessionPool:
         self._idle: dict[_Key, list[_Idle]] = {}
         self._uses: dict[int, tuple[_Key, int]] = {}
         self._reaper: asyncio.Task[None] | None = None
+        self._closing: set[asyncio.Task[None]] = set()
 
     async def start(self) -> None:
         self._reaper = asyncio.create_task(self._reap(), name="mailrelay-session-reaper")
@@ -47,7 +48,7 @@ class SessionPool:
                 await self._reaper
         idle = [i.session for sessions in self._idle.values() for i in sessions]
         self._idle.clear()
-        await asyncio.gather(*(s.close() for s in idle), return_exceptions=True)
+        await asyncio.gather(*(s.close() for s in idle), *self._closing, return_exceptions=True)
 
     async def acquire(
         self,
@@ -93,7 +94,9 @@ class SessionPool:
         if session.alive and uses + 1 < MAX_USES:
             self._idle.setdefault(key, []).append(_Idle(session, time.monotonic(), uses + 1))
         else:
-            asyncio.get_running_loop().create_task(session.close())
+            task = asyncio.get_running_loop().create_task(session.close())
+            self._closing.add(task)  # a task nobody references may be collected mid-QUIT
+            task.add_done_callback(self._closing.discard)
 
     async def _reap(self) -> None:
         while True:
