@@ -29,6 +29,28 @@ class _Idle:
 _Key = tuple[str, str, SecurityLevel, CipherProfile]
 
 
+async def open_configured(
+    config: Config,
+    mx_name: str,
+    address: str,
+    security_level: SecurityLevel,
+    cipher_profile: CipherProfile,
+) -> Session | Failure:
+    """A new session to one MX address with the port, names and timeouts of `config`."""
+    d = config.delivery
+    return await open_session(
+        mx_name,
+        address,
+        port=d.port,
+        ehlo_name=config.hostname,
+        security_level=security_level,
+        cipher_profile=cipher_profile,
+        ca_file=d.ca_file,
+        connect_timeout=d.connect_timeout,
+        command_timeout=d.command_timeout,
+    )
+
+
 class SessionPool:
     def __init__(self, config: Config, metrics: Metrics) -> None:
         self.config = config
@@ -67,17 +89,8 @@ class SessionPool:
                 self._uses[id(idle.session)] = (key, idle.uses)
                 return idle.session
             await idle.session.close()
-        d = self.config.delivery
-        opened = await open_session(
-            mx_name,
-            address,
-            port=d.port,
-            ehlo_name=self.config.hostname,
-            security_level=security_level,
-            cipher_profile=cipher_profile,
-            ca_file=d.ca_file,
-            connect_timeout=d.connect_timeout,
-            command_timeout=d.command_timeout,
+        opened = await open_configured(
+            self.config, mx_name, address, security_level, cipher_profile
         )
         if isinstance(opened, Session):
             tls = opened.tls

@@ -9,7 +9,8 @@ from typing import Literal
 
 from mailrelay.config import CipherProfile, Config, SecurityLevel
 from mailrelay.delivery.mx import MxFailure, MxResolver
-from mailrelay.delivery.session import Failure, Outcome, TlsFacts, open_session
+from mailrelay.delivery.pool import open_configured
+from mailrelay.delivery.session import Failure, Outcome, TlsFacts
 
 Verdict = Literal["secure", "insecure", "unreachable"]
 Overall = Literal["secure", "partly secure", "insecure", "unreachable", "no mail service"]
@@ -81,18 +82,7 @@ async def _probe(
     level: SecurityLevel,
     profile: CipherProfile,
 ) -> MxReport:
-    d = config.delivery
-    opened = await open_session(
-        host,
-        address,
-        port=d.port,
-        ehlo_name=config.hostname,
-        security_level=level,
-        cipher_profile=profile,
-        ca_file=d.ca_file,
-        connect_timeout=d.connect_timeout,
-        command_timeout=d.command_timeout,
-    )
+    opened = await open_configured(config, host, address, level, profile)
     if not isinstance(opened, Failure):
         await opened.close()
         accepted = f"{opened.where}: accepted"
@@ -102,17 +92,7 @@ async def _probe(
     if facts is None and level == "verify" and failure.insecure is not None:
         # A certificate refused under "verify" leaves no session to describe; look again under
         # "encrypt" only to show the operator what the certificate is.
-        again = await open_session(
-            host,
-            address,
-            port=d.port,
-            ehlo_name=config.hostname,
-            security_level="encrypt",
-            cipher_profile=profile,
-            ca_file=d.ca_file,
-            connect_timeout=d.connect_timeout,
-            command_timeout=d.command_timeout,
-        )
+        again = await open_configured(config, host, address, "encrypt", profile)
         if isinstance(again, Failure):
             facts = again.tls
         else:
