@@ -54,6 +54,8 @@ class RecordCheck:
     found: list[str]
     valid: bool
     reason: str | None = None
+    # The lookup itself failed (SERVFAIL, timeout): this says nothing about what is published.
+    lookup_failed: bool = False
 
 
 @dataclass(frozen=True)
@@ -64,6 +66,11 @@ class CheckReport:
     @property
     def valid(self) -> bool:
         return bool(self.records) and all(r.valid for r in self.records)
+
+    @property
+    def conclusive(self) -> bool:
+        """False when a lookup failed, so that the published state is unknown."""
+        return not any(r.lookup_failed for r in self.records)
 
     def to_json(self) -> dict[str, Any]:
         return {
@@ -135,7 +142,8 @@ async def check(
     for record in expected:
         texts, failure = by_name[record.name]
         if failure is not None:
-            results.append(RecordCheck(record, [], False, f"DNS lookup failed: {failure}"))
+            reason = f"DNS lookup failed: {failure}"
+            results.append(RecordCheck(record, [], False, reason, lookup_failed=True))
         elif record.purpose == "dkim":
             results.append(_judge_dkim(record, texts))
         elif record.purpose == "spf":

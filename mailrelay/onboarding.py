@@ -1,5 +1,6 @@
 """Domain onboarding as the CLI runs it: create a domain with its DKIM keys, list the records it
-must publish, check them in DNS (moving the domain to `valid`), and rotate its DKIM key."""
+must publish, check them in DNS (moving the domain to `valid`), rotate its DKIM key, and retire
+a rotated-out key once its record may leave DNS."""
 
 from __future__ import annotations
 
@@ -58,34 +59,46 @@ def _stored(key: dkim.DkimKey, *, active: bool) -> accounts.StoredKey:
 
 
 def records(conn: sqlite3.Connection, config: Config, name: str) -> DomainReport:
+    """Every record to publish, rotated-out DKIM keys included until they are retired."""
     domain = accounts.require_domain(conn, name)
-    keys = [_to_dkim(k) for k in accounts.keys(conn, domain.name, active_only=False)]
-    expected = domains.expected_records(
+    return DomainReport(domain, _expected(conn, config, domain, active_only=False))
+
+
+def _expected(
+    conn: sqlite3.Connection, config: Config, domain: accounts.Domain, *, active_only: bool
+) -> list[domains.Record]:
+    keys = [_to_dkim(k) for k in accounts.keys(conn, domain.name, active_only=active_only)]
+    return domains.expected_records(
         domain.name,
         keys,
         spf_mechanisms=config.spf_mechanisms,
         dmarc_rua=config.records.dmarc_rua,
     )
-    return DomainReport(domain, expected)
 
 
 async def check(conn: sqlite3.Connection, config: Config, name: str) -> domains.CheckReport:
     """Check the published records; a fully valid report marks the domain `valid`.
 
     A later failing check moves it back to `unverified`: a domain whose DKIM record vanished
-    would have its mail fail DMARC, and we would rather stop it than send it to spam.
+    would have its mail fail DMARC, and we would rather stop it than send it to spam. A check
+    whose lookups failed (SERVFAIL, timeout) changes nothing: a resolver outage must not stop
+    a domain's mail.
+
+    Only the active keys' DKIM records are checked. A rotated-out key signs nothing new, so its
+    record leaving DNS must not stop the domain's mail; `records` lists it until it is retired.
     """
-    report = records(conn, config, name)
+    domain = accounts.require_domain(conn, name)
     result = await domains.check(
-        report.domain.name,
-        report.records,
+        domain.name,
+        _expected(conn, config, domain, active_only=True),
         nameservers=config.delivery.nameservers,
         timeout=config.delivery.dns_timeout,
     )
-    with transaction(conn):
-        accounts.set_domain_state(
-            conn, report.domain.name, "valid" if result.valid else "unverified", time.time()
-        )
+    if result.conclusive:
+        with transaction(conn):
+            accounts.set_domain_state(
+                conn, domain.name, "valid" if result.valid else "unverified", time.time()
+            )
     return result
 
 
@@ -105,3 +118,15 @@ def rotate(conn: sqlite3.Connection, config: Config, name: str) -> DomainReport:
         for key in keys:
             accounts.add_key(conn, domain.name, _stored(key, active=True), now)
     return records(conn, config, domain.name)
+
+
+def retire_key(conn: sqlite3.Connection, name: str, selector: str) -> accounts.StoredKey:
+    """Stop listing a rotated-out DKIM key; returns it, so the caller can name its record.
+
+    An active key is refused (accounts.KeyInUse): rotate first. The private key file stays on
+    disk: `dkim.generate_keys` claims selectors by file name, and a selector must never name a
+    second key while receivers may still cache the first one's record.
+    """
+    domain = accounts.require_domain(conn, name)
+    with transaction(conn):
+        return accounts.delete_key(conn, domain.name, selector)

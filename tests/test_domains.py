@@ -299,3 +299,16 @@ async def test_timeout_is_a_lookup_failure(
 async def test_nothing_expected_is_not_valid() -> None:
     report = await domains.check(DOMAIN, [], nameservers=("127.0.0.1:9",), timeout=0.1)
     assert report.to_json() == {"domain": DOMAIN, "valid": False, "records": []}
+
+
+async def test_lookup_failure_makes_the_report_inconclusive(
+    server: DnsServer, keys: list[DkimKey], expected: list[Record]
+) -> None:
+    publish_all(server, keys)
+    report = await domains.check(DOMAIN, expected, nameservers=(server.nameserver,), timeout=2.0)
+    assert (report.valid, report.conclusive) == (True, True)
+    server.servfail(DMARC_NAME)
+    report = await domains.check(DOMAIN, expected, nameservers=(server.nameserver,), timeout=2.0)
+    # `domain check` leaves the domain's state alone when the answer is not known.
+    assert (report.valid, report.conclusive) == (False, False)
+    assert [r.lookup_failed for r in report.records] == [False, False, False, True]

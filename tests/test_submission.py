@@ -382,3 +382,25 @@ async def test_restart_keeps_queued_mail(tmp_path: Path, relay_factory: RelayFac
     listed = queue.list_queue(second.db())
     assert [m["id"] for m in listed] == [queue_id]
     assert listed[0]["recipients"] == [{"address": "bob@example.net", "state": "queued"}]
+
+
+async def test_forged_authentication_results_are_removed(relay: Relay) -> None:
+    forged = (
+        b"Authentication-Results: relay.test; auth=pass smtp.auth=ceo@example.org\r\n"
+        b"Authentication-Results: other.example;\r\n spf=pass\r\n"
+    )
+
+    def converse() -> tuple[int, bytes]:
+        client = relay.session()
+        reply = send_raw(
+            client, "alice@example.org", ["bob@example.net"], forged + MESSAGE + b".\r\n"
+        )
+        client.quit()
+        return reply
+
+    queue_id = queued_id(await run(converse))
+    data = relay.db().execute("SELECT data FROM messages WHERE id = ?", (queue_id,)).fetchone()[0]
+    assert b"ceo@example.org" not in data
+    assert b"Authentication-Results: other.example;\r\n spf=pass\r\n" in data  # not ours: kept
+    assert data.count(b"Authentication-Results: relay.test;") == 1
+    assert data.endswith(MESSAGE)

@@ -17,6 +17,10 @@ class AlreadyExists(ValueError):
     """The user or domain named exists already."""
 
 
+class KeyInUse(ValueError):
+    """The DKIM key named is active: it signs new mail, so it cannot be retired."""
+
+
 # ---- users ---------------------------------------------------------------------------------
 
 
@@ -121,7 +125,8 @@ def list_domains(conn: sqlite3.Connection) -> list[Domain]:
 
 def set_domain_state(conn: sqlite3.Connection, name: str, state: DomainState, now: float) -> None:
     conn.execute(
-        "UPDATE domains SET state = ?, checked_at = ? WHERE name = ?", (state, now, name.lower())
+        "UPDATE domains SET state = ?, checked_at = ? WHERE name = ?",
+        (state, now, name.lower().rstrip(".")),
     )
 
 
@@ -143,6 +148,26 @@ def add_key(conn: sqlite3.Connection, domain: str, key: StoredKey, now: float) -
 
 def deactivate_keys(conn: sqlite3.Connection, domain: str) -> None:
     conn.execute("UPDATE dkim_keys SET active = 0 WHERE domain = ?", (domain.lower(),))
+
+
+def delete_key(conn: sqlite3.Connection, domain: str, selector: str) -> StoredKey:
+    """Remove an inactive key's row and return it; an active key is refused (KeyInUse)."""
+    domain = domain.lower().rstrip(".")
+    row = conn.execute(
+        "SELECT selector, algorithm, private_key_path, public_record, active FROM dkim_keys"
+        " WHERE domain = ? AND selector = ?",
+        (domain, selector),
+    ).fetchone()
+    if row is None:
+        raise NotFound(f"domain {domain} has no DKIM key {selector}")
+    key = StoredKey(row[0], row[1], row[2], row[3], bool(row[4]))
+    if key.active:
+        raise KeyInUse(
+            f"DKIM key {selector} of {domain} signs new mail;"
+            f" first run: mailrelay domain rotate-dkim {domain}"
+        )
+    conn.execute("DELETE FROM dkim_keys WHERE domain = ? AND selector = ?", (domain, selector))
+    return key
 
 
 def keys(conn: sqlite3.Connection, domain: str, *, active_only: bool) -> list[StoredKey]:

@@ -35,6 +35,7 @@ def add_submission_headers(
     The Received line names neither the client's address nor its EHLO name: recipients have no
     use for where inside the organisation a message was written, and it is personal data.
     """
+    data = drop_forged_authentication_results(data, hostname)
     date = email.utils.formatdate(now, localtime=False, usegmt=True)
     added = [f"Received: by {hostname} (mailrelay) with ESMTPSA id {queue_id}; {date}"]
     if authentication_results:
@@ -44,3 +45,27 @@ def add_submission_headers(
     if not has_header(data, "Message-ID"):
         added.append(f"Message-ID: <{queue_id}.{int(now)}@{hostname}>")
     return "".join(line + "\r\n" for line in added).encode() + data
+
+
+_FIELD_START = re.compile(rb"^[^ \t\r\n]")
+
+
+def drop_forged_authentication_results(data: bytes, authserv_id: str) -> bytes:
+    """Remove Authentication-Results fields that claim to come from us (RFC 8601 section 5):
+    only this server may say who authenticated here, and a client could otherwise forge it."""
+    head = header_block(data)
+    lines = head.split(b"\r\n")[:-1]
+    kept: list[bytes] = []
+    dropping = False
+    for line in lines:
+        if _FIELD_START.match(line):
+            name, _, value = line.partition(b":")
+            dropping = (
+                name.strip().lower() == b"authentication-results"
+                and value.split(b";", 1)[0].strip().lower() == authserv_id.lower().encode()
+            )
+        if not dropping:
+            kept.append(line)
+    if len(kept) == len(lines):
+        return data
+    return b"".join(line + b"\r\n" for line in kept) + data[len(head) :]
