@@ -20,7 +20,7 @@ from typing import Any
 from mailrelay import config as configmod
 from mailrelay import logs, onboarding
 from mailrelay.config import Config, ConfigError
-from mailrelay.store import accounts, connect, queue
+from mailrelay.store import accounts, connect, events, queue
 from mailrelay.store.queue import transaction
 from mailrelay.submission.auth import hash_password
 from mailrelay.submission.handler import split_address
@@ -98,6 +98,13 @@ def _parser() -> argparse.ArgumentParser:
     group.add_argument("id", nargs="?")
     group.add_argument("--all", action="store_true")
     cmd(q, "delete", _queue_delete, "remove a message from the queue").add_argument("id")
+
+    one = _json(cmd(sub, "log", _log, "recipients' events, newest first"))
+    one.add_argument("--domain", help="recipient domain")
+    one.add_argument("--since", metavar="T", help="ISO 8601 time (local unless zoned), or 1h, 2d")
+    one.add_argument("--status", metavar="S", help=f"one of {', '.join(events.EVENTS)}")
+    one.add_argument("--cursor", metavar="C", help="next_cursor of the previous page")
+    one.add_argument("--limit", metavar="N", type=int, default=50, help="events per page")
     return p
 
 
@@ -323,22 +330,64 @@ def _queue_list(cfg: Config, args: argparse.Namespace) -> int:
 
 
 def _queue_show(cfg: Config, args: argparse.Namespace) -> int:
-    msg = queue.show(_db(cfg), args.id)
+    msg = events.story(_db(cfg), args.id)
     if msg is None:
-        raise UserError(f"no message {args.id}")
+        raise UserError(f"no message or refusal with id {args.id}")
     if args.json:
         _print_json(msg)
         return 0
-    print(f"message {msg['id']} from {msg['sender'] or '<>'} ({msg['size']} bytes)")
-    print(f"  accepted {_when(float(str(msg['created_at'])))} from user {msg['auth_user'] or '-'}")
-    for r in msg["recipients"]:  # type: ignore[attr-defined]
-        print(f"  {r['address']}: {r['state']} after {r['attempts']} attempt(s)")
+    if "sender" not in msg:
+        gone = "was deleted from the queue" if msg["removed"] else "was never accepted"
+        print(f"message {msg['id']} {gone}; what the events record:")
+    else:
+        print(f"message {msg['id']} from {msg['sender'] or '<>'} ({msg['size']} bytes)")
+        print(f"  accepted {_when(msg['created_at'])} from user {msg['auth_user'] or '-'}")
+    for r in msg["recipients"] + msg["refused"]:
+        if "state" in r:
+            due = f", next {_when(r['next_attempt_at'])}" if r["state"] == "deferred" else ""
+            print(f"  {_safe(r['address'])}: {r['state']} after {r['attempts']} attempt(s){due}")
+        else:
+            print(f"  {_safe(r['address'])}:")
         for e in r["events"]:
-            detail = " ".join(
-                f"{k}={e[k]}" for k in ("mx", "tls_protocol", "tls_cipher") if e[k] is not None
-            )
-            reply = f" ({e['reply']})" if e["reply"] else ""
-            print(f"    {_when(e['at'])} {e['event']}{reply} {detail}".rstrip())
+            print(f"    {_when(e['at'])} {e['event']}{_event_detail(e)}")
+    return 0
+
+
+def _event_detail(e: dict[str, Any]) -> str:
+    tls = "/".join(e[k] for k in ("tls_protocol", "tls_cipher") if e[k])
+    detail = (f", mx={e['mx']}" if e["mx"] else "") + (f", tls={tls}" if tls else "")
+    return detail + (f" ({_safe(e['reply'])})" if e["reply"] else "")
+
+
+def _safe(text: str) -> str:
+    # Addresses and replies come from SMTP peers: escape control characters so that printing
+    # them cannot drive the operator's terminal.
+    return "".join(c if c.isprintable() else repr(c)[1:-1] for c in text)
+
+
+def _log(cfg: Config, args: argparse.Namespace) -> int:
+    try:
+        since = None if args.since is None else events.parse_since(args.since)
+        page = events.query(
+            _db(cfg),
+            domain=args.domain,
+            since=since,
+            status=args.status,
+            cursor=args.cursor,
+            limit=args.limit,
+        )
+    except ValueError as exc:
+        raise UserError(str(exc)) from exc
+    if args.json:
+        _print_json(page.to_json())
+        return 0
+    for e in page.events:
+        print(
+            f"{_when(e['at'])} {e['queue_id']}: to=<{_safe(e['recipient'])}>, {e['event']}"
+            + _event_detail(e)
+        )
+    if page.next_cursor is not None:
+        print(f"more: --cursor {page.next_cursor}", file=sys.stderr)
     return 0
 
 

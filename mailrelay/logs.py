@@ -6,6 +6,7 @@ and source, and the JSON formatter turns the pairs into fields.
 
 from __future__ import annotations
 
+import ast
 import json
 import logging
 import re
@@ -15,6 +16,18 @@ import time
 from mailrelay.config import LogConfig
 
 _PAIR = re.compile(r'(\w+)=("(?:[^"\\]|\\.)*"|\'(?:[^\'\\]|\\.)*\'|\S*)')
+
+
+def _value(text: str) -> str:
+    """A value as written in the line: quoted ones are Python reprs (`%r`) or JSON strings, and
+    both are string literals Python can read back, escapes and all."""
+    if len(text) > 1 and text[0] == text[-1] and text[0] in "\"'":
+        try:
+            value = ast.literal_eval(text)
+        except (ValueError, SyntaxError):
+            return text[1:-1]
+        return value if isinstance(value, str) else text[1:-1]
+    return text
 
 
 def _ts(record: logging.LogRecord) -> str:
@@ -35,10 +48,13 @@ class JsonFormatter(logging.Formatter):
     def format(self, record: logging.LogRecord) -> str:
         message = record.getMessage()
         fields: dict[str, object] = {"ts": _ts(record), "level": record.levelname.lower()}
-        pairs = _PAIR.findall(message)
-        if pairs and message.startswith("event="):
-            for key, value in pairs:
-                fields[key] = value[1:-1] if value[:1] in "\"'" and len(value) > 1 else value
+        if message.startswith("event="):
+            for key, value in _PAIR.findall(message):
+                fields[key] = _value(value)
+            # Free text beside the pairs, e.g. "event=delivery_held (why)", is kept, not lost.
+            rest = " ".join(_PAIR.sub(" ", message).split())
+            if rest:
+                fields["msg"] = rest
         else:
             fields["msg"] = message
         fields["logger"] = record.name

@@ -138,6 +138,8 @@ class DeliveryService:
             if o.state == "sent":
                 self.metrics.smtp_delivery_delay.observe(max(0.0, now - job.created_at))
             last = o.attempts[-1] if o.attempts else None
+            # Postfix's status= line, minus the address: the journal is kept and shipped with
+            # less care than the database, so it names the domain; `mailrelay log` the address.
             log.info(
                 "event=delivery queue_id=%s domain=%s mx=%s tls=%s cipher=%s status=%s dsn=%s"
                 " delay=%.1f attempts=%d reply=%r%s",

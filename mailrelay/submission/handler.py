@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import email.utils
+import functools
 import logging
 import re
 import sqlite3
@@ -12,10 +13,10 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from email.parser import BytesHeaderParser
 from email.policy import compat32
-from typing import Any
+from typing import Any, Literal
 
 from mailrelay.config import SubmissionConfig
-from mailrelay.store import Store, accounts, queue
+from mailrelay.store import Store, accounts, events, queue
 from mailrelay.submission import replies
 from mailrelay.submission.message import add_submission_headers
 
@@ -42,6 +43,10 @@ def split_address(address: str) -> tuple[str, str] | None:
     if local.startswith(".") or local.endswith(".") or ".." in local:
         return None
     return local, domain
+
+
+Stage = Literal["mail", "rcpt", "data"]
+"""The SMTP command a refusal answered."""
 
 
 @dataclass(frozen=True)
@@ -72,11 +77,55 @@ class SubmissionHandler:
         self.authentication_results_for = authentication_results_for
         self.on_accepted = on_accepted
         self.on_rejected = on_rejected
+        self._writes: set[asyncio.Task[None]] = set()
 
-    def _reject(self, reply: str) -> str:
+    def refuse(
+        self, session: Any, envelope: Any, reply: str, stage: Stage, rcpts: list[str]
+    ) -> str:
+        """Count, log and record a policy refusal; return `reply` for the hook to send.
+
+        Each refused recipient gets a REFUSED event under the transaction's queue id (see
+        `handle_MAIL`). A refused MAIL FROM has no recipients yet, so it leaves no event: the
+        events table is the recipients' story; the refusal is in the log and the metrics.
+        Public so that the protocol layer can report refusals aiosmtpd makes before any hook.
+        """
         if self.on_rejected is not None:
             self.on_rejected(reply[:3])
+        login = (getattr(session, "login_data", None) or b"").decode("utf-8", "replace").lower()
+        queue_id: str | None = getattr(envelope, "queue_id", None)
+        log.info(
+            "event=refused stage=%s queue_id=%s user=%s nrcpt=%d reply=%r",
+            stage,
+            queue_id or "none",
+            login or "none",
+            len(rcpts),
+            reply,
+        )
+        if queue_id and rcpts:
+            self._record_refused(queue_id, list(rcpts), reply)
         return reply
+
+    def _record_refused(self, queue_id: str, rcpts: list[str], reply: str) -> None:
+        # Not awaited: a refusal promises the client nothing durable, so its reply need not wait
+        # for a commit (one fsync per bad RCPT). The task is kept until written, and `flush`
+        # waits for the stragglers; a write that fails is logged, never raised into a session.
+        op = functools.partial(
+            events.record_refused, at=time.time(), queue_id=queue_id, recipients=rcpts, reply=reply
+        )
+        task = asyncio.get_running_loop().create_task(self._write(op, queue_id))
+        self._writes.add(task)
+        task.add_done_callback(self._writes.discard)
+
+    async def _write(self, op: Callable[[sqlite3.Connection], None], queue_id: str) -> None:
+        try:
+            await self.store.write(op)
+        except (sqlite3.Error, RuntimeError) as exc:
+            log.warning("event=refusal_not_recorded queue_id=%s error=%r", queue_id, str(exc))
+
+    async def flush(self) -> None:
+        """Wait until every refusal recorded so far is written (before the store stops)."""
+        while self._writes:
+            await asyncio.gather(*self._writes)
 
     async def handle_EHLO(
         self, server: Any, session: Any, envelope: Any, hostname: str, responses: list[str]
@@ -91,23 +140,28 @@ class SubmissionHandler:
         login: str = (session.login_data or b"").decode("utf-8", "replace").lower()
         parts = split_address(address)
         if parts is None:
-            return self._reject(replies.BAD_ADDRESS)
+            return self.refuse(session, envelope, replies.BAD_ADDRESS, "mail", [])
         if parts[1] != login.rpartition("@")[2]:
-            return self._reject(replies.SENDER_NOT_OWNED)
+            return self.refuse(session, envelope, replies.SENDER_NOT_OWNED, "mail", [])
         domain = await self.store.read(lambda c: accounts.get_domain(c, parts[1]))
         if domain is None or (domain.state != "valid" and not self.config.allow_unverified_domains):
-            return self._reject(replies.DOMAIN_NOT_VERIFIED.format(domain=parts[1]))
+            reply = replies.DOMAIN_NOT_VERIFIED.format(domain=parts[1])
+            return self.refuse(session, envelope, reply, "mail", [])
         envelope.mail_from = address
         envelope.mail_options.extend(options)
+        # The queue id is chosen here, not at DATA, so that recipients refused during the
+        # transaction are recorded under the id the message will have (aiosmtpd makes a new
+        # envelope after DATA and on RSET, so each transaction gets its own).
+        envelope.queue_id = queue.new_message_id()
         return "250 2.1.0 Sender ok"
 
     async def handle_RCPT(
         self, server: Any, session: Any, envelope: Any, address: str, options: list[str]
     ) -> str:
         if split_address(address) is None:
-            return self._reject(replies.BAD_ADDRESS)
+            return self.refuse(session, envelope, replies.BAD_ADDRESS, "rcpt", [address])
         if len(envelope.rcpt_tos) >= self.config.max_recipients:
-            return self._reject(replies.TOO_MANY_RECIPIENTS)
+            return self.refuse(session, envelope, replies.TOO_MANY_RECIPIENTS, "rcpt", [address])
         envelope.rcpt_tos.append(address)
         envelope.rcpt_options.extend(options)
         return "250 2.1.5 Recipient ok"
@@ -117,21 +171,21 @@ class SubmissionHandler:
         if _BARE_LINE_ENDING.search(data):
             # SMTP smuggling: a bare LF or CR may be read as a line end by the next hop, which
             # would then see a second message hidden in this one. Refuse the whole DATA.
-            return self._reject(replies.BARE_LINE_ENDING)
+            return self._refuse_data(session, envelope, replies.BARE_LINE_ENDING)
         login: str = session.login_data.decode("utf-8", "replace").lower()
         sending_domain = login.rpartition("@")[2]
         headers = BytesHeaderParser(policy=compat32).parsebytes(data, headersonly=True)
         from_headers = headers.get_all("From") or []
         if len(from_headers) != 1:
-            return self._reject(replies.FROM_MISSING)
+            return self._refuse_data(session, envelope, replies.FROM_MISSING)
         addresses = email.utils.getaddresses([str(from_headers[0])])
         if not addresses or any(
             (split_address(a) or ("", ""))[1] != sending_domain for _, a in addresses
         ):
-            return self._reject(replies.FROM_NOT_OWNED)
+            return self._refuse_data(session, envelope, replies.FROM_NOT_OWNED)
 
         now = time.time()
-        queue_id = queue.new_message_id()
+        queue_id: str = getattr(envelope, "queue_id", None) or queue.new_message_id()
         message = add_submission_headers(
             data,
             hostname=self.hostname,
@@ -168,6 +222,9 @@ class SubmissionHandler:
         if self.on_accepted is not None:
             self.on_accepted(Accepted(queue_id, len(envelope.rcpt_tos)))
         return replies.QUEUED.format(queue_id=queue_id)
+
+    def _refuse_data(self, session: Any, envelope: Any, reply: str) -> str:
+        return self.refuse(session, envelope, reply, "data", list(envelope.rcpt_tos))
 
     async def handle_exception(self, error: Exception) -> str:
         if isinstance(error, asyncio.CancelledError):

@@ -1,0 +1,163 @@
+"""Every recipient's story in the events table: refusals at submission, and the log queries.
+
+Events are written by `queue.enqueue` and `queue.record_outcomes` (QUEUED, DELIVERED, SOFT-BOUNCE,
+HARD-BOUNCE) and by the submission handler through `record_refused` (REFUSED). Like `queue`, each
+function takes a connection and runs inside the caller's transaction.
+"""
+
+from __future__ import annotations
+
+import re
+import sqlite3
+import time
+from dataclasses import dataclass
+from datetime import datetime
+from typing import Any, get_args
+
+from mailrelay.store import queue
+from mailrelay.store.queue import EventName
+
+EVENTS: tuple[str, ...] = get_args(EventName)
+
+_COLUMNS = "id, at, message_id, recipient, domain, event, mx, reply, tls_protocol, tls_cipher"
+_DURATION = re.compile(r"(\d+)\s*([smhdw])")
+_UNIT_SECONDS = {"s": 1, "m": 60, "h": 3600, "d": 86400, "w": 7 * 86400}
+
+
+def record_refused(
+    conn: sqlite3.Connection, at: float, queue_id: str, recipients: list[str], reply: str
+) -> None:
+    """One REFUSED event per recipient the submission server turned away.
+
+    `queue_id` is the id the transaction was given at MAIL FROM: the id its message gets if DATA
+    is accepted later, so `queue show ID` tells a message's refused recipients beside its
+    delivered ones; for a transaction that never got that far, it groups its refusals.
+    """
+    for address in recipients:
+        queue.add_event(conn, at, queue_id, address, "REFUSED", reply=reply)
+
+
+@dataclass(frozen=True)
+class Page:
+    events: list[dict[str, Any]]
+    next_cursor: str | None  # pass back, with the same filters, for the next (older) page
+
+    def to_json(self) -> dict[str, Any]:
+        return {"events": self.events, "next_cursor": self.next_cursor}
+
+
+def query(
+    conn: sqlite3.Connection,
+    *,
+    domain: str | None = None,
+    since: float | None = None,
+    status: str | None = None,
+    cursor: str | None = None,
+    limit: int = 50,
+) -> Page:
+    """Events newest first, `limit` at a time.
+
+    The cursor is the id of the last event returned, kept opaque to callers: ids only grow (one
+    writer assigns them in commit order), so "older than the cursor" gives each event once
+    however many arrive while someone pages.
+    """
+    if limit < 1:
+        raise ValueError(f"limit must be at least 1, not {limit}")
+    where: list[str] = []
+    params: list[object] = []
+    if cursor is not None:
+        where.append("id < ?")
+        params.append(_cursor_id(cursor))
+    if domain is not None:
+        where.append("domain = ?")
+        params.append(domain.lower().rstrip("."))
+    if since is not None:
+        where.append("at >= ?")
+        params.append(since)
+    if status is not None:
+        where.append("event = ?")
+        params.append(parse_status(status))
+    sql = f"SELECT {_COLUMNS} FROM events"  # noqa: S608 -- only fixed clauses are joined in
+    if where:
+        sql += " WHERE " + " AND ".join(where)
+    rows = conn.execute(sql + " ORDER BY id DESC LIMIT ?", (*params, limit + 1)).fetchall()
+    more = len(rows) > limit
+    rows = rows[:limit]
+    return Page([_event(r) for r in rows], str(rows[-1]["id"]) if more else None)
+
+
+def _event(row: sqlite3.Row) -> dict[str, Any]:
+    return {
+        "at": row["at"],
+        "queue_id": row["message_id"],
+        "recipient": row["recipient"],
+        "domain": row["domain"],
+        "event": row["event"],
+        "mx": row["mx"],
+        "reply": row["reply"],
+        "tls_protocol": row["tls_protocol"],
+        "tls_cipher": row["tls_cipher"],
+    }
+
+
+def _cursor_id(cursor: str) -> int:
+    if not cursor.isdigit():
+        raise ValueError(f"not a cursor from this command: {cursor!r}")
+    return int(cursor)
+
+
+def parse_status(text: str) -> str:
+    """'soft-bounce', 'Soft_Bounce' -> 'SOFT-BOUNCE'."""
+    name = text.strip().upper().replace("_", "-")
+    if name not in EVENTS:
+        raise ValueError(f"unknown status {text!r}; one of: {', '.join(EVENTS)}")
+    return name
+
+
+def parse_since(text: str, now: float | None = None) -> float:
+    """An ISO 8601 date or date-time ('2025-03-01', '2025-03-01T09:30', '...Z', '...+01:00'),
+    or a duration back from now ('90m', '1h', '2d', '1w'). Times without a zone are local, as
+    every time the CLI prints is."""
+    now = time.time() if now is None else now
+    text = text.strip()
+    if match := _DURATION.fullmatch(text):
+        return now - int(match.group(1)) * _UNIT_SECONDS[match.group(2)]
+    try:
+        return datetime.fromisoformat(text).timestamp()  # naive: local time
+    except ValueError:
+        raise ValueError(
+            f"--since: {text!r} is neither an ISO 8601 time nor a duration like 1h or 2d"
+        ) from None
+
+
+def story(conn: sqlite3.Connection, queue_id: str) -> dict[str, Any] | None:
+    """Everything known about one queue id: `queue.show` plus the recipients refused in its
+    transaction; from the events alone when the message was deleted or never accepted."""
+    queue_id = queue_id.strip().upper()
+    msg = queue.show(conn, queue_id)
+    rows = conn.execute(
+        f"SELECT {_COLUMNS} FROM events WHERE message_id = ? ORDER BY id",  # noqa: S608
+        (queue_id,),
+    ).fetchall()
+    if msg is None and not rows:
+        return None
+    refused = _by_recipient([r for r in rows if r["event"] == "REFUSED"])
+    if msg is not None:
+        return {**msg, "removed": False, "refused": refused}
+    recipients = _by_recipient([r for r in rows if r["event"] != "REFUSED"])
+    # A QUEUED event without a message row: it was accepted, then `queue delete`d.
+    return {
+        "id": queue_id,
+        "removed": bool(recipients),
+        "recipients": recipients,
+        "refused": refused,
+    }
+
+
+def _by_recipient(rows: list[sqlite3.Row]) -> list[dict[str, Any]]:
+    grouped: dict[str, list[dict[str, Any]]] = {}
+    for r in rows:
+        grouped.setdefault(r["recipient"], []).append(
+            {k: r[k] for k in ("at", "event", "mx", "reply", "tls_protocol", "tls_cipher")}
+        )
+    return [{"address": a, "events": e} for a, e in grouped.items()]
