@@ -37,7 +37,13 @@ def main(argv: Sequence[str] | None = None) -> None:
         path = args.config or os.environ.get("MAILRELAY_CONFIG")
         cfg = configmod.load(path)
         status = args.func(cfg, args)
-    except (UserError, ConfigError, accounts.NotFound, accounts.AlreadyExists) as exc:
+    except (
+        UserError,
+        ConfigError,
+        accounts.NotFound,
+        accounts.AlreadyExists,
+        accounts.KeyInUse,
+    ) as exc:
         print(f"mailrelay: {exc}", file=sys.stderr)
         sys.exit(1)
     except sqlite3.Error as exc:
@@ -86,7 +92,11 @@ def _parser() -> argparse.ArgumentParser:
     _json(cmd(dom, "rotate-dkim", _domain_rotate, "sign with a new DKIM key")).add_argument(
         "domain"
     )
+    one = _json(cmd(dom, "retire-dkim", _domain_retire, "stop listing a rotated-out DKIM key"))
+    one.add_argument("domain")
+    one.add_argument("selector")
     _json(cmd(dom, "list", _domain_list, "list domains"))
+    _json(cmd(sub, "tls-check", _tls_check, "probe every MX of a domain")).add_argument("domain")
 
     q = sub.add_parser("queue", help="the delivery queue").add_subparsers(
         dest="action", required=True, metavar="ACTION"
@@ -294,6 +304,43 @@ def _domain_rotate(cfg: Config, args: argparse.Namespace) -> int:
     report = onboarding.rotate(_db(cfg), cfg, args.domain)
     _print_records(report, args.json)
     return 0
+
+
+def _domain_retire(cfg: Config, args: argparse.Namespace) -> int:
+    conn = _db(cfg)
+    key = onboarding.retire_key(conn, args.domain, args.selector)
+    report = onboarding.records(conn, cfg, args.domain)
+    if not args.json:
+        name = f"{key.selector}._domainkey.{report.domain.name}"
+        print(f"DKIM key {key.selector} retired; you may now remove {name} from DNS")
+    _print_records(report, args.json)
+    return 0
+
+
+def _tls_check(cfg: Config, args: argparse.Namespace) -> int:
+    from mailrelay.delivery.probe import tls_check  # only this command needs the TLS client
+
+    report = asyncio.run(tls_check(cfg, args.domain))
+    if args.json:
+        _print_json(report.to_json())
+    else:
+        print(
+            f"{report.domain}: {report.verdict.upper()} ({report.detail})"
+            f" [security_level={report.security_level} cipher_profile={report.cipher_profile}]"
+        )
+        for m in report.mx:
+            starttls = {True: "yes", False: "no", None: "?"}[m.starttls]
+            print(f"  MX {m.preference} {m.host} [{m.address}]: {m.verdict} ({m.status})")
+            print(f"      STARTTLS {starttls}; {m.protocol or '-'} {m.cipher or ''}".rstrip())
+            if m.certificate_subject:
+                verified = {True: "verified", False: "not verified", None: "?"}
+                print(
+                    f"      certificate {m.certificate_subject}, issuer {m.certificate_issuer},"
+                    f" valid {m.certificate_not_before} to {m.certificate_not_after},"
+                    f" {verified[m.certificate_verified]}"
+                )
+            print(f"      {_safe(m.detail)}")
+    return 0 if report.verdict == "secure" else 1
 
 
 def _domain_list(cfg: Config, args: argparse.Namespace) -> int:

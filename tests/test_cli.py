@@ -361,3 +361,24 @@ def test_queue_commands(config: Path) -> None:
     assert ok(config, "queue", "delete", first.lower()) == f"message {first} deleted\n"
     assert user_error(cli(config, "queue", "delete", first)) == f"no message {first}"
     assert [m["id"] for m in ok_json(config, "queue", "list")] == [second]
+
+
+def test_domain_rotate_and_retire_dkim(tmp_path: Path) -> None:
+    config = write_config(tmp_path)
+    added = ok_json(config, "domain", "add", "example.org", "--notify", "postmaster@example.org")
+    old = added["records"][0]["name"].split(".")[0]
+    rotated = ok_json(config, "domain", "rotate-dkim", "example.org")
+    selectors = [r["name"].split(".")[0] for r in rotated["records"] if "_domainkey" in r["name"]]
+    assert len(selectors) == 2 and selectors[0] == old
+    new = selectors[1]
+    assert user_error(cli(config, "domain", "retire-dkim", "example.org", new)).startswith(
+        f"DKIM key {new} "
+    )
+    out = ok(config, "domain", "retire-dkim", "example.org", old)
+    assert out.splitlines()[0] == (
+        f"DKIM key {old} retired; you may now remove {old}._domainkey.example.org from DNS"
+    )
+    listed = ok_json(config, "domain", "records", "example.org")
+    assert [r["name"] for r in listed["records"] if "_domainkey" in r["name"]] == [
+        f"{new}._domainkey.example.org"
+    ]

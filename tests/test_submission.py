@@ -252,6 +252,14 @@ async def test_size_limit(tmp_path: Path, relay_factory: RelayFactory) -> None:
     assert data == (552, b"5.3.4 Message size exceeds fixed maximum message size")
     assert noop == (250, b"2.0.0 OK")
     assert queue.list_queue(relay.db()) == []
+    # aiosmtpd made both refusals itself; they are counted and recorded all the same.
+    await relay.service.submission.handler.flush()
+    rejected = relay.service.metrics.smtpd_messages_rejected.labels(code="552")
+    assert rejected._value.get() == 2
+    refused = relay.db().execute("SELECT recipient, event, reply FROM events").fetchall()
+    assert [tuple(r) for r in refused] == [
+        ("bob@example.net", "REFUSED", "552 5.3.4 Message size exceeds fixed maximum message size")
+    ]
 
 
 async def test_recipient_limit_and_syntax(tmp_path: Path, relay_factory: RelayFactory) -> None:

@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import asyncio
+import json
+import subprocess
+import sys
 from collections.abc import AsyncIterator
 from pathlib import Path
 
@@ -84,3 +88,32 @@ async def test_no_mail_service(tmp_path: Path, world: World) -> None:
     cfg = config(tmp_path, world)
     assert (await tls_check(cfg, "nullmx.example")).verdict == "no mail service"
     assert (await tls_check(cfg, "nxdomain.example")).verdict == "no mail service"
+
+
+async def test_cli_tls_check(tmp_path: Path, world: World) -> None:
+    good = await world.add_mx("good.example", MODERN)
+    await world.add_mx("plain.example", NO_STARTTLS)
+    config = tmp_path / "mailrelay.toml"
+    config.write_text(
+        f'hostname = "relay.test"\n[storage]\npath = "q.sqlite3"\n'
+        f'[delivery]\nport = {SMTP_PORT}\nnameservers = ["{world.nameservers[0]}"]\n'
+        f'ca_file = "{world.ca_file}"\n'
+    )
+
+    def cli(*args: str) -> subprocess.CompletedProcess[str]:
+        command = [sys.executable, "-m", "mailrelay", "--config", str(config), "tls-check", *args]
+        return subprocess.run(command, capture_output=True, text=True, timeout=60, check=False)
+
+    secure = await asyncio.to_thread(cli, "good.example", "--json")
+    assert secure.returncode == 0, secure.stderr
+    report = json.loads(secure.stdout)
+    assert (report["domain"], report["verdict"]) == ("good.example", "secure")
+    assert [(m["host"], m["protocol"], m["starttls"]) for m in report["mx"]] == [
+        (good.hostname, "TLSv1.3", True)
+    ]
+    plain = await asyncio.to_thread(cli, "plain.example")
+    assert plain.returncode == 1
+    lines = plain.stdout.splitlines()
+    assert lines[0].startswith("plain.example: INSECURE (no MX meets the policy")
+    assert "STARTTLS no; -" in plain.stdout
+    assert lines[-1].endswith("]: does not offer STARTTLS")

@@ -91,6 +91,12 @@ MIGRATIONS: tuple[str, ...] = (
         UNIQUE (domain, selector)
     );
     """,
+    # `mailrelay log --domain D` and `--since T` page newest first; without these indexes a
+    # quiet domain or an old --since scans the whole event history.
+    """
+    CREATE INDEX events_domain ON events(domain, id);
+    CREATE INDEX events_at ON events(at);
+    """,
 )
 
 

@@ -49,6 +49,13 @@ Stage = Literal["mail", "rcpt", "data"]
 """The SMTP command a refusal answered."""
 
 
+def authenticated_user(session: Any) -> str:
+    """The address the session authenticated as ('' before AUTH). The protocol layer stores a
+    LoginPassword with the login only (see SubmissionSMTP._check): no password is kept."""
+    login = getattr(getattr(session, "auth_data", None), "login", None) or b""
+    return bytes(login).decode("utf-8", "replace").lower()
+
+
 @dataclass(frozen=True)
 class Accepted:
     queue_id: str
@@ -91,7 +98,7 @@ class SubmissionHandler:
         """
         if self.on_rejected is not None:
             self.on_rejected(reply[:3])
-        login = (getattr(session, "login_data", None) or b"").decode("utf-8", "replace").lower()
+        login = authenticated_user(session)
         queue_id: str | None = getattr(envelope, "queue_id", None)
         log.info(
             "event=refused stage=%s queue_id=%s user=%s nrcpt=%d reply=%r",
@@ -137,7 +144,7 @@ class SubmissionHandler:
     async def handle_MAIL(
         self, server: Any, session: Any, envelope: Any, address: str, options: list[str]
     ) -> str:
-        login: str = (session.login_data or b"").decode("utf-8", "replace").lower()
+        login = authenticated_user(session)
         parts = split_address(address)
         if parts is None:
             return self.refuse(session, envelope, replies.BAD_ADDRESS, "mail", [])
@@ -172,7 +179,7 @@ class SubmissionHandler:
             # SMTP smuggling: a bare LF or CR may be read as a line end by the next hop, which
             # would then see a second message hidden in this one. Refuse the whole DATA.
             return self._refuse_data(session, envelope, replies.BARE_LINE_ENDING)
-        login: str = session.login_data.decode("utf-8", "replace").lower()
+        login = authenticated_user(session)
         sending_domain = login.rpartition("@")[2]
         headers = BytesHeaderParser(policy=compat32).parsebytes(data, headersonly=True)
         from_headers = headers.get_all("From") or []

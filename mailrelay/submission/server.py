@@ -8,14 +8,14 @@ import logging
 import ssl
 import warnings
 from collections.abc import Callable
-from typing import Any, AnyStr, cast
+from typing import Any, AnyStr, Literal, cast
 
 from aiosmtpd.smtp import SMTP, AuthResult, LoginPassword
 
 from mailrelay.config import Config
 from mailrelay.submission import replies
 from mailrelay.submission.auth import FailureThrottle, PasswordChecker
-from mailrelay.submission.handler import SubmissionHandler
+from mailrelay.submission.handler import Stage, SubmissionHandler
 from mailrelay.submission.tls import server_context
 
 log = logging.getLogger("mailrelay.submission")
@@ -63,9 +63,26 @@ class SubmissionSMTP(SMTP):
 
     async def push(self, status: AnyStr) -> None:
         if isinstance(status, str) and self._greeted and not self._in_ehlo:
+            self._report_native_refusal(status)
             status = replies.enhance(status)
         self._greeted = True
         await super().push(status)
+
+    def _report_native_refusal(self, status: str) -> None:
+        """aiosmtpd refuses some things itself, before any hook runs (size, line length,
+        unparsable address); count and record those like the hooks' own refusals."""
+        native = _NATIVE_REFUSALS.get(status)
+        if native is None:
+            return
+        envelope = self.envelope
+        stage: Stage
+        if native == "address":
+            stage = "rcpt" if envelope is not None and envelope.mail_from else "mail"
+        else:
+            stage = native
+        # An unparsable address names no recipient; a refused DATA refuses all given so far.
+        rcpts = list(envelope.rcpt_tos) if envelope is not None and stage == "data" else []
+        self._relay.handler.refuse(self.session, envelope, replies.enhance(status), stage, rcpts)
 
     async def smtp_EHLO(self, hostname: str) -> None:
         self._in_ehlo = True
@@ -150,6 +167,15 @@ class SubmissionSMTP(SMTP):
         super().connection_lost(error)
 
 
+# aiosmtpd's own refusals, by the stage they end ("address": MAIL or RCPT, decided at the time).
+_NATIVE_REFUSALS: dict[str, Stage | Literal["address"]] = {
+    "552 Error: Too much mail data": "data",
+    "500 Line too long (see RFC5321 4.5.3.1.6)": "data",
+    "552 Error: message size exceeds fixed maximum message size": "mail",
+    "553 5.1.3 Error: malformed address": "address",
+}
+
+
 def _parsed_only(
     server: Any, session: Any, envelope: Any, mechanism: str, auth_data: Any
 ) -> AuthResult:
@@ -222,3 +248,4 @@ class SubmissionServer:
         for server in self._servers:
             await server.wait_closed()
         self._servers.clear()
+        await self.handler.flush()  # refusals recorded so far reach the store before it stops
