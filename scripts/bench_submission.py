@@ -58,7 +58,7 @@ async def client(port: int, ctx: ssl.SSLContext, count: int, size: int, out: lis
     await smtp.quit()
 
 
-def prepare(work: Path, port: int) -> list[str]:
+def prepare(work: Path, port: int, unsigned: bool) -> list[str]:
     """A config, a domain and a user for the benchmark; returns the mailrelay command."""
     config = work / "bench.toml"
     config.write_text(
@@ -78,6 +78,8 @@ def prepare(work: Path, port: int) -> list[str]:
     )
     with sqlite3.connect(work / "queue.sqlite3") as db:  # benchmark only: skip `domain check`
         db.execute("UPDATE domains SET state = 'valid'")
+        if unsigned:  # to measure what DKIM signing costs: no key, no signature
+            db.execute("DELETE FROM dkim_keys")
     subprocess.run(
         [*mailrelay, "user", "add", "bench@bench.example", "--password-stdin"],
         input=PASSWORD.encode(),
@@ -108,7 +110,7 @@ async def load(args: argparse.Namespace, port: int, cafile: Path) -> tuple[list[
 def bench(args: argparse.Namespace) -> None:
     work = Path(tempfile.mkdtemp(prefix="mailrelay-bench-", dir=args.dir))
     port = free_port()
-    mailrelay = prepare(work, port)
+    mailrelay = prepare(work, port, args.unsigned)
     server = subprocess.Popen([*mailrelay, "serve"], stderr=subprocess.DEVNULL)
     try:
         latencies, elapsed = asyncio.run(load(args, port, work / "cert.pem"))
@@ -137,6 +139,7 @@ def main() -> None:
     p.add_argument("--clients", type=int, default=20)
     p.add_argument("--messages", type=int, default=50)
     p.add_argument("--size", type=int, default=10_000, help="bytes per message")
+    p.add_argument("--unsigned", action="store_true", help="no DKIM key (measures its cost)")
     p.add_argument("--dir", default=os.environ.get("TMPDIR"), help="where the database goes")
     bench(p.parse_args())
 

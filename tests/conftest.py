@@ -89,6 +89,38 @@ def make_config(tmp_path: Path, **sections: dict[str, Any]) -> Config:
     return configmod.parse(raw, base_dir=tmp_path)
 
 
+def write_config_file(directory: Path, extra: str = "") -> tuple[Path, int]:
+    """A TOML config for running mailrelay as a separate process (the CLI, `serve`), loopback
+    only and with delivery held; returns its path and the submission port. `extra` is appended
+    (TOML tables not used here, e.g. "[records]")."""
+    port = free_port()
+    path = directory / "mailrelay.toml"
+    path.write_text(
+        f"""
+hostname = "relay.test"
+[submission]
+listen = ["127.0.0.1:{port}"]
+cert_file = "tls/cert.pem"
+key_file = "tls/key.pem"
+self_signed_if_missing = true
+allow_unverified_domains = true
+[storage]
+path = "queue.sqlite3"
+[dkim]
+key_dir = "dkim"
+rsa_bits = 1024
+[metrics]
+listen = "127.0.0.1:{free_port()}"
+[delivery]
+hold = true
+port = {free_port()}
+nameservers = ["127.0.0.1:{free_port()}"]
+dns_timeout = 1
+{extra}"""
+    )
+    return path, port
+
+
 def add_user(cfg: Config, address: str, password: str = PASSWORD, *, valid: bool = True) -> None:
     conn = connect(cfg.storage.path)
     domain = address.rpartition("@")[2]

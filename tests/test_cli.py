@@ -20,7 +20,7 @@ from argon2 import PasswordHasher
 from argon2.exceptions import VerifyMismatchError
 
 from mailrelay.store import accounts, connect, queue
-from tests.conftest import PASSWORD, free_port
+from tests.conftest import PASSWORD, write_config_file
 
 NEW_PASSWORD = "another long passphrase"
 
@@ -67,29 +67,7 @@ def user_error(done: subprocess.CompletedProcess[str]) -> str:
 
 
 def write_config(directory: Path) -> Path:
-    path = directory / "mailrelay.toml"
-    path.write_text(
-        f"""
-hostname = "relay.test"
-[submission]
-listen = ["127.0.0.1:{free_port()}"]
-cert_file = "tls/cert.pem"
-key_file = "tls/key.pem"
-[storage]
-path = "queue.sqlite3"
-[dkim]
-key_dir = "dkim"
-rsa_bits = 1024
-[metrics]
-listen = "127.0.0.1:{free_port()}"
-[delivery]
-hold = true
-port = {free_port()}
-nameservers = ["127.0.0.1:{free_port()}"]
-dns_timeout = 1
-"""
-    )
-    return path
+    return write_config_file(directory)[0]
 
 
 @pytest.fixture

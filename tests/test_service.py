@@ -14,38 +14,10 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import PASSWORD, free_port
+from tests.conftest import PASSWORD, write_config_file
 from tests.test_submission import MESSAGE, queued_id, send_raw
 
 run = asyncio.to_thread
-
-
-def write_config(tmp_path: Path) -> tuple[Path, int]:
-    port = free_port()
-    path = tmp_path / "mailrelay.toml"
-    path.write_text(
-        f"""
-hostname = "relay.test"
-[submission]
-listen = ["127.0.0.1:{port}"]
-cert_file = "tls/cert.pem"
-key_file = "tls/key.pem"
-self_signed_if_missing = true
-allow_unverified_domains = true
-[storage]
-path = "queue.sqlite3"
-[dkim]
-key_dir = "dkim"
-rsa_bits = 1024
-[metrics]
-listen = "127.0.0.1:{free_port()}"
-[delivery]
-hold = true
-port = {free_port()}
-nameservers = ["127.0.0.1:{free_port()}"]
-"""
-    )
-    return path, port
 
 
 def cli(config: Path, *args: str, stdin: str | None = None) -> subprocess.CompletedProcess[str]:
@@ -99,7 +71,7 @@ def setup_user(config: Path) -> None:
 
 
 async def test_ready_stopping_and_sigterm(tmp_path: Path, notify_socket: socket.socket) -> None:
-    config, port = write_config(tmp_path)
+    config, port = write_config_file(tmp_path)
     setup_user(config)
     proc = start(config, notify_socket)
     try:
@@ -122,7 +94,7 @@ async def test_ready_stopping_and_sigterm(tmp_path: Path, notify_socket: socket.
 
 
 async def test_kill_9_loses_no_accepted_mail(tmp_path: Path, notify_socket: socket.socket) -> None:
-    config, port = write_config(tmp_path)
+    config, port = write_config_file(tmp_path)
     setup_user(config)
     proc = start(config, notify_socket)
     try:
