@@ -412,3 +412,27 @@ async def test_forged_authentication_results_are_removed(relay: Relay) -> None:
     assert b"Authentication-Results: other.example;\r\n spf=pass\r\n" in data  # not ours: kept
     assert data.count(b"Authentication-Results: relay.test;") == 1
     assert data.endswith(MESSAGE)
+
+
+async def test_shutdown_lets_open_transaction_finish(relay: Relay) -> None:
+    busy = await run(relay.session)
+    idle = await run(relay.session)
+    assert (await run(busy.mail, "alice@example.org"))[0] == 250
+    assert (await run(busy.rcpt, "bob@example.net"))[0] == 250
+    stopping = asyncio.create_task(relay.service.stop())
+    # The idle session is told at once; the one mid-transaction is left to finish.
+    assert await run(idle.getreply) == (421, b"4.3.2 Service shutting down, try again later")
+    idle.close()  # as a mail client does on 421
+    assert not stopping.done()
+
+    def finish() -> tuple[tuple[int, bytes], tuple[int, bytes]]:
+        assert busy.docmd("DATA")[0] == 354
+        busy.send(MESSAGE + b".\r\n")
+        return busy.getreply(), busy.getreply()
+
+    accepted, closing = await run(finish)
+    queue_id = queued_id(accepted)
+    assert closing == (421, b"4.3.2 Service shutting down, try again later")
+    busy.close()
+    await stopping
+    assert [m["id"] for m in queue.list_queue(relay.db())] == [queue_id]
