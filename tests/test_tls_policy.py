@@ -5,25 +5,27 @@ from __future__ import annotations
 import datetime as dt
 import hashlib
 import ssl
+import subprocess
 import warnings
 from pathlib import Path
 
 import pytest
 from cryptography import x509
+from cryptography.hazmat.primitives import hashes
+from cryptography.hazmat.primitives.asymmetric import rsa
 from cryptography.hazmat.primitives.serialization import Encoding
 
 from mailrelay.config import CipherProfile
+from mailrelay.delivery.certificates import certificate_facts, verify_chain, weak_chain
 from mailrelay.delivery.tls_policy import (
     PROFILES,
     Acceptable,
     Insecure,
     Refused,
     Suite,
-    certificate_facts,
     client_context,
     grade,
     parse_suite,
-    verify_chain,
 )
 from tests.world.certs import TestCA, self_signed
 
@@ -283,3 +285,49 @@ def test_verify_chain(tmp_path: Path) -> None:
     lone = _der(self_signed("mx.example.org").cert_pem)
     assert verify_chain([lone], "mx.example.org", ca_file) is not None
     assert verify_chain([], "mx.example.org", ca_file) == "the server sent no certificate"
+
+
+def _rsa_cert(key_bits: int) -> bytes:
+    key = rsa.generate_private_key(public_exponent=65537, key_size=key_bits)
+    name = x509.Name([x509.NameAttribute(x509.NameOID.COMMON_NAME, f"rsa-{key_bits}")])
+    now = dt.datetime.now(dt.UTC)
+    cert = (
+        x509.CertificateBuilder()
+        .subject_name(name)
+        .issuer_name(x509.Name([x509.NameAttribute(x509.NameOID.COMMON_NAME, "issuer")]))
+        .public_key(key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - dt.timedelta(days=1))
+        .not_valid_after(now + dt.timedelta(days=1))
+        .sign(key, hashes.SHA256())
+    )
+    return cert.public_bytes(Encoding.DER)
+
+
+def _sha1_signed(tmp_path: Path) -> tuple[bytes, bytes]:
+    """A leaf signed with SHA-1 by a CA, and that CA (also self-signed with SHA-1). Made with
+    the openssl command: cryptography refuses to sign with SHA-1 at all."""
+
+    def openssl(*args: str) -> None:
+        subprocess.run(["openssl", *args], cwd=tmp_path, check=True, capture_output=True)
+
+    openssl("req", "-x509", "-sha1", "-newkey", "rsa:2048", "-nodes", "-keyout", "ca.key",
+            "-out", "ca.pem", "-subj", "/CN=sha1-root", "-days", "1")  # fmt: skip
+    openssl("req", "-newkey", "rsa:2048", "-nodes", "-keyout", "leaf.key", "-out", "leaf.csr",
+            "-subj", "/CN=sha1-leaf")  # fmt: skip
+    openssl("x509", "-req", "-in", "leaf.csr", "-CA", "ca.pem", "-CAkey", "ca.key",
+            "-CAcreateserial", "-out", "leaf.pem", "-days", "1", "-sha1")  # fmt: skip
+    leaf, root = (
+        x509.load_pem_x509_certificate((tmp_path / f).read_bytes()).public_bytes(Encoding.DER)
+        for f in ("leaf.pem", "ca.pem")
+    )
+    return leaf, root
+
+
+def test_weak_chain_puts_the_seclevel_floor_back(tmp_path: Path) -> None:
+    good, small = _rsa_cert(2048), _rsa_cert(1024)
+    sha1_leaf, sha1_root = _sha1_signed(tmp_path)
+    assert weak_chain([good]) is None
+    assert weak_chain([good, sha1_root]) is None  # a trust anchor's own signature is not used
+    assert weak_chain([good, small]) == "CN=rsa-1024 has a 1024-bit RSA key"
+    assert weak_chain([sha1_leaf, sha1_root]) == "CN=sha1-leaf is signed with SHA1"

@@ -20,15 +20,14 @@ from typing import Literal
 import aiosmtplib
 
 from mailrelay.config import CipherProfile, SecurityLevel
-from mailrelay.delivery.tls_policy import (
+from mailrelay.delivery.certificates import (
     CertificateFacts,
-    Refused,
     certificate_facts,
-    grade,
-    shared_client_context,
     verify_chain,
+    weak_chain,
 )
 from mailrelay.delivery.tls_policy import Insecure as Insecure  # re-exported, used with Failure
+from mailrelay.delivery.tls_policy import Refused, grade, shared_client_context
 
 
 class Outcome(StrEnum):
@@ -293,6 +292,10 @@ class _Attempt:
                 return self.transient("4.7.5", f"TLS handshake broke off: {exc}")
 
             facts = await _tls_facts(smtp, self.mx_name, security_level, ca_file)
+            if security_level == "verify" and not facts.verified:
+                await _quit(smtp)
+                detail = f"certificate not accepted: {facts.verify_error}"
+                return self.insecure(Insecure.CERTIFICATE, detail, tls=facts)
             verdict = grade(cipher_profile, facts.protocol, facts.cipher)
             if isinstance(verdict, Refused):
                 await _quit(smtp)  # the only command ever sent over a refused channel
@@ -322,7 +325,10 @@ async def _tls_facts(
     chain = _peer_chain(tls)
     certificate = certificate_facts(chain[0]) if chain else None
     if security_level == "verify":
-        return TlsFacts(tls.version() or "", cipher[0] if cipher else "", certificate, True)
+        # OpenSSL verified the chain, but at @SECLEVEL=0: put back the key-size and hash floor.
+        weak = weak_chain(chain)
+        protocol, suite = tls.version() or "", cipher[0] if cipher else ""
+        return TlsFacts(protocol, suite, certificate, weak is None, weak)
     # Off the event loop: the first call parses the system trust store.
     error = await asyncio.to_thread(verify_chain, chain, mx_name, ca_file)
     return TlsFacts(

@@ -25,10 +25,7 @@ Profiles (what each one encodes):
 
 from __future__ import annotations
 
-import datetime as dt
 import functools
-import hashlib
-import os
 import ssl
 import warnings
 from collections.abc import Sequence
@@ -36,10 +33,8 @@ from dataclasses import dataclass
 from enum import StrEnum
 from typing import Literal
 
-from cryptography import x509
-from cryptography.x509.verification import PolicyBuilder, Store, VerificationError
-
 from mailrelay.config import CipherProfile, SecurityLevel
+from mailrelay.delivery.certificates import mtime as _mtime
 
 
 class Insecure(StrEnum):
@@ -333,7 +328,8 @@ def client_context(security_level: SecurityLevel, ca_file: str = "") -> ssl.SSLC
     context) would give an opaque alert where we want to say "the server offered TLSv1.0".
 
     Caveat: @SECLEVEL=0 also relaxes OpenSSL's key-size and signature-hash checks on the
-    certificate chain under "verify" (e.g. 1024-bit RSA or SHA-1 signatures pass).
+    certificate chain under "verify" (1024-bit RSA or SHA-1 signatures would pass); the session
+    puts that floor back after the handshake with `certificates.weak_chain`.
     """
     context = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
     with warnings.catch_warnings():
@@ -362,87 +358,3 @@ def shared_client_context(security_level: SecurityLevel, ca_file: str = "") -> s
 def _cached_context(security_level: SecurityLevel, ca_file: str, _mtime_ns: int) -> ssl.SSLContext:
     # Loading the system trust store costs milliseconds; a context is safe to share.
     return client_context(security_level, ca_file)
-
-
-@dataclass(frozen=True)
-class CertificateFacts:
-    sha256: str  # lowercase hex of the SHA-256 of the leaf's DER
-    subject: str  # RFC 4514
-    issuer: str
-    not_before: dt.datetime  # UTC
-    not_after: dt.datetime
-
-
-def certificate_facts(leaf_der: bytes) -> CertificateFacts:
-    """Fingerprint, names and validity period of a DER certificate."""
-    cert = x509.load_der_x509_certificate(leaf_der)
-    return CertificateFacts(
-        sha256=hashlib.sha256(leaf_der).hexdigest(),
-        subject=cert.subject.rfc4514_string(),
-        issuer=cert.issuer.rfc4514_string(),
-        not_before=cert.not_valid_before_utc,
-        not_after=cert.not_valid_after_utc,
-    )
-
-
-def verify_chain(
-    chain_der: Sequence[bytes], host: str, ca_file: str = "", now: dt.datetime | None = None
-) -> str | None:
-    """Check a peer's chain (leaf first) against system roots plus `ca_file` and the host name.
-
-    Returns None when it verifies, else why not. Used under "encrypt", where OpenSSL was told
-    not to verify, so that the record still says whether the certificate would have passed.
-    This is pyca/cryptography's Web PKI verifier, which is stricter than OpenSSL in places.
-    """
-    if not chain_der:
-        return "the server sent no certificate"
-    try:
-        leaf, *intermediates = (x509.load_der_x509_certificate(der) for der in chain_der)
-        verifier = (
-            PolicyBuilder()
-            .store(_trust_store(ca_file, _mtime(ca_file)))
-            .time(now or dt.datetime.now(dt.UTC))
-            .build_server_verifier(x509.DNSName(host.rstrip(".").lower()))
-        )
-        verifier.verify(leaf, intermediates)
-    except (VerificationError, ValueError) as exc:
-        # Drop cryptography's "(encountered processing <Certificate(...)>)" suffix.
-        return str(exc).split(" (encountered", 1)[0] or type(exc).__name__
-    return None
-
-
-def _mtime(path: str) -> int:
-    try:
-        return os.stat(path).st_mtime_ns if path else 0
-    except OSError:
-        return 0
-
-
-@functools.lru_cache(maxsize=8)
-def _trust_store(ca_file: str, _mtime_ns: int) -> Store:
-    # The modification time is part of the cache key so a replaced ca_file is read again.
-    paths = ssl.get_default_verify_paths()
-    files = [p for p in (paths.cafile, paths.openssl_cafile) if p and os.path.isfile(p)][:1]
-    if ca_file:
-        files.append(ca_file)
-    certs: list[x509.Certificate] = []
-    for path in files:
-        with open(path, "rb") as f:
-            certs.extend(_load_pems(f.read()))
-    return Store(certs)
-
-
-def _load_pems(data: bytes) -> list[x509.Certificate]:
-    # One by one: a single root that cryptography cannot parse must not lose all the others.
-    certs = []
-    end = b"-----END CERTIFICATE-----"
-    for block in data.split(end)[:-1]:
-        with warnings.catch_warnings():
-            # Some roots in distribution bundles have non-positive serial numbers, which
-            # cryptography parses with a deprecation warning (an error under pytest).
-            warnings.simplefilter("ignore")
-            try:
-                certs.append(x509.load_pem_x509_certificate(block + end))
-            except ValueError:
-                continue
-    return certs
