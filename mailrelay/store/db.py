@@ -97,6 +97,27 @@ MIGRATIONS: tuple[str, ...] = (
     CREATE INDEX events_domain ON events(domain, id);
     CREATE INDEX events_at ON events(at);
     """,
+    # Wave 2 delivery: one result vocabulary (sent | transient | permanent | insecure) in the
+    # evidence, the policy that authenticated or refused each connection, the claim time that
+    # tells an interrupted attempt from a finished one, and the MTA-STS policy cache (RFC 8461
+    # §5.1: a cached policy must survive a restart, or a downgrade attacker only has to wait).
+    """
+    UPDATE attempts SET verdict = 'transient' WHERE verdict = 'deferred';
+    UPDATE attempts SET verdict = 'permanent' WHERE verdict = 'bounced';
+    ALTER TABLE attempts ADD COLUMN policy TEXT;
+    ALTER TABLE attempts ADD COLUMN policy_detail TEXT;
+    ALTER TABLE recipients ADD COLUMN claimed_at REAL;
+    CREATE TABLE sts_policies (
+        domain TEXT PRIMARY KEY,
+        policy_id TEXT NOT NULL,              -- the id of the _mta-sts TXT record it came with
+        mode TEXT NOT NULL CHECK (mode IN ('enforce', 'testing', 'none')),
+        mx_patterns TEXT NOT NULL,            -- one pattern per line, as in the policy
+        max_age INTEGER NOT NULL,             -- seconds, already capped at 31557600
+        fetched_at REAL NOT NULL,
+        expires_at REAL NOT NULL,
+        body TEXT NOT NULL                    -- the policy file as fetched, for the record
+    );
+    """,
 )
 
 
