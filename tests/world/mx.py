@@ -73,6 +73,9 @@ class Behaviour:
     rcpt_replies: Mapping[str, str] = field(default_factory=dict)
     # None hangs up after the final dot without replying, like a server that crashed.
     data_reply: str | None = "250 2.0.0 Message accepted"
+    # A 421 here closes the connection after the reply: a server that timed out an idle client
+    # but whose close the client has not noticed yet (a stale pooled session).
+    rset_reply: str = "250 2.0.0 OK"
 
     @property
     def key_type(self) -> KeyType:
@@ -325,9 +328,13 @@ class MxServer:
             elif verb in ("EHLO", "HELO"):
                 greeted, mail_from, rcpts = True, None, []
                 reply = self._hello(verb, arg, conn.tls is not None)
-            elif verb in ("RSET", "NOOP"):
-                if verb == "RSET":
-                    mail_from, rcpts = None, []
+            elif verb == "RSET":
+                mail_from, rcpts = None, []
+                reply = b.rset_reply
+                if reply.startswith("421"):
+                    await channel.reply(reply)
+                    return
+            elif verb == "NOOP":
                 reply = "250 2.0.0 OK"
             elif verb == "STARTTLS":
                 if not await self._starttls(conn, channel, bool(arg) or conn.tls is not None):
