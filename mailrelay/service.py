@@ -14,9 +14,13 @@ import time
 
 from mailrelay import signing
 from mailrelay.config import Config
-from mailrelay.delivery.scheduler import DeliveryService
+from mailrelay.delivery.courier import SmtpCourier
+from mailrelay.delivery.mx import MxResolver
+from mailrelay.delivery.policy import TransportPolicy
+from mailrelay.delivery.pool import SessionPool
+from mailrelay.delivery.runner import QueueRunner
 from mailrelay.metrics import Metrics, MetricsServer
-from mailrelay.store import Store, accounts, connect, queue
+from mailrelay.store import Store, accounts, claims, connect, queue
 from mailrelay.submission.auth import PasswordChecker
 from mailrelay.submission.handler import Accepted, SubmissionHandler
 from mailrelay.submission.server import SubmissionServer
@@ -57,7 +61,11 @@ class Service:
             checker,
             on_auth_failure=self.metrics.smtpd_sasl_authentication_failures.inc,
         )
-        self.delivery = DeliveryService(config, self.store, self.metrics, self.queue_changed)
+        d = config.delivery
+        resolver = MxResolver(d.nameservers, timeout=d.dns_timeout)
+        self.pool = SessionPool(config, self.metrics)
+        courier = SmtpCourier(TransportPolicy(config, resolver), self.pool, self.metrics)
+        self.runner = QueueRunner(config, self.store, courier, self.metrics, self.queue_changed)
         self.metrics_server = MetricsServer(self.metrics, config.metrics.listen)
         self._snapshot_conn: sqlite3.Connection | None = None
         self._snapshot_lock = threading.Lock()
@@ -80,12 +88,16 @@ class Service:
 
     async def start(self) -> None:
         await self.store.start()
-        released = await self.store.write(lambda c: queue.release_active(c, time.time()))
+        released = await self.store.write(lambda c: claims.release_interrupted(c, time.time()))
         if released:
             log.info("event=recovered recipients=%d", released)
         self._snapshot_conn = connect(self.config.storage.path)
         await self.metrics_server.start()
-        await self.delivery.start()
+        if self.config.delivery.hold:
+            log.warning("event=delivery_held (delivery.hold = true: mail is queued, not sent)")
+        else:
+            await self.pool.start()
+            await self.runner.start()
         await self.submission.start()
         sd_notify("READY=1\nSTATUS=accepting mail")
         log.info("event=started hostname=%s", self.config.hostname)
@@ -97,7 +109,8 @@ class Service:
         sd_notify("STOPPING=1")
         log.info("event=stopping")
         await self.submission.stop()
-        await self.delivery.stop()
+        await self.runner.stop()
+        await self.pool.stop()
         await self.metrics_server.stop()
         await self.store.stop()
         with self._snapshot_lock:

@@ -12,15 +12,11 @@ from cryptography import x509
 from cryptography.hazmat.primitives.serialization import Encoding
 
 from mailrelay.config import CipherProfile, SecurityLevel
-from mailrelay.delivery.session import (
-    Failure,
-    Insecure,
-    Outcome,
-    Reply,
-    Session,
-    open_session,
-)
-from mailrelay.delivery.tls_policy import PROFILES, Acceptable, grade, parse_suite
+from mailrelay.delivery.ciphers import PROFILES, Acceptable, grade, parse_suite
+from mailrelay.delivery.policy import Authentication, Encrypt, TlsRequirement, WebPki
+from mailrelay.delivery.reply import Reply
+from mailrelay.delivery.result import Insecure, Kind, Result
+from mailrelay.delivery.session import Session, StaleSession, open_session
 from tests.world import (
     CBC_ONLY,
     EXPIRED_CERT,
@@ -72,19 +68,27 @@ async def connect(
     profile: CipherProfile = "ncsc-2025",
     *,
     ca_file: bool = True,
-) -> Session | Failure:
+) -> Session | Result:
     host, port = server.address
     return await open_session(
         server.hostname,
         host,
+        requirement(server.hostname, level, profile, str(world.ca_file) if ca_file else ""),
         port=port,
         ehlo_name=EHLO_NAME,
-        security_level=level,
-        cipher_profile=profile,
-        ca_file=str(world.ca_file) if ca_file else "",
         connect_timeout=5.0,
         command_timeout=5.0,
     )
+
+
+def requirement(
+    mx_name: str, level: SecurityLevel, profile: CipherProfile = "ncsc-2025", ca_file: str = ""
+) -> TlsRequirement:
+    """What the local transport policy asks under `level`, as delivery builds it."""
+    authentication: Authentication = (
+        WebPki((mx_name,), ca_file) if level == "verify" else Encrypt(ca_file)
+    )
+    return TlsRequirement(profile, authentication, mx_name)
 
 
 async def session(world: World, server: MxServer, level: SecurityLevel = "encrypt") -> Session:
@@ -99,10 +103,15 @@ async def failure(
     level: SecurityLevel = "encrypt",
     profile: CipherProfile = "ncsc-2025",
     **kw: bool,
-) -> Failure:
+) -> Result:
     result = await connect(world, server, level, profile, **kw)
-    assert isinstance(result, Failure), result
+    assert isinstance(result, Result), result
     return result
+
+
+def server_reply(result: Result) -> str | None:
+    """The reply the server gave, as the evidence records it."""
+    return result.evidence[-1].reply
 
 
 def assert_envelope_never_sent(server: MxServer) -> None:
@@ -137,10 +146,16 @@ async def test_tls13_records_the_facts_and_delivers(world: World) -> None:
         assert s.tls.verified is True
         assert s.tls.verify_error is None
         result = await s.send(SENDER, ["bob@dest.test"], MESSAGE)
-    (rcpt,) = result.recipients
-    assert rcpt.outcome is Outcome.SENT
-    assert rcpt.reply == Reply(250, "2.0.0", "Message accepted")
+    (rcpt,) = result
+    assert rcpt.kind is Kind.SENT
+    assert server_reply(rcpt) == ACCEPTED_BY_MX
     assert rcpt.status == "2.0.0"
+    (evidence,) = rcpt.evidence
+    assert (evidence.tls_protocol, evidence.policy, evidence.cert_verified) == (
+        "TLSv1.3",
+        "encrypt",
+        True,
+    )
     (message,) = await server.wait_for_messages()
     assert message.tls
     assert message.mail_from == SENDER
@@ -159,7 +174,7 @@ async def test_tls12_self_signed_is_enough_for_encrypt(world: World) -> None:
         assert s.tls.verified is False
         assert s.tls.verify_error
         result = await s.send(SENDER, ["bob@dest.test"], MESSAGE)
-    assert [r.outcome for r in result.recipients] == [Outcome.SENT]
+    assert [r.kind for r in result] == [Kind.SENT]
     await server.wait_for_messages()
 
 
@@ -168,8 +183,9 @@ async def test_ca_signed_certificate_passes_verify_with_ca_file(world: World) ->
     async with await session(world, server, "verify") as s:
         assert s.tls.verified is True
         assert s.tls.protocol == "TLSv1.3"
+        assert s.tls.policy == "verify"
         result = await s.send(SENDER, ["bob@dest.test"], MESSAGE)
-    assert result.recipients[0].outcome is Outcome.SENT
+    assert result[0].kind is Kind.SENT
 
 
 async def test_two_messages_over_one_session(world: World) -> None:
@@ -178,7 +194,7 @@ async def test_two_messages_over_one_session(world: World) -> None:
         first = await s.send(SENDER, ["bob@dest.test"], MESSAGE)
         second = await s.send("other@sender.test", ["carol@dest.test"], MESSAGE + b"Two.\r\n")
         assert s.alive
-    assert first.recipients[0].outcome is second.recipients[0].outcome is Outcome.SENT
+    assert first[0].kind is second[0].kind is Kind.SENT
     one, two = await server.wait_for_messages(2)
     assert len(server.connections) == 1
     assert (one.rcpt_tos, two.rcpt_tos) == (("bob@dest.test",), ("carol@dest.test",))
@@ -215,26 +231,29 @@ async def test_insecure_servers_are_refused(
 ) -> None:
     server = await world.add_mx("dest.test", behaviour)
     result = await failure(world, server, level)
-    assert result.outcome is Outcome.PERMANENT
+    assert result.kind is Kind.INSECURE
     assert result.insecure is reason
     assert result.status == status
-    assert result.detail.startswith(f"{server.hostname}[{server.address[0]}]: ")
-    assert detail in result.detail
+    assert result.diagnostic.startswith(f"{server.hostname}[{server.address[0]}]: ")
+    assert detail in result.diagnostic
     assert_envelope_never_sent(server)
     await server.wait_until(lambda s: all(c.closed for c in s.connections))
     assert server.commands[-1].line == "QUIT"
     if reason in (Insecure.PROTOCOL, Insecure.CIPHER):
         # The refusal records exactly what the server negotiated.
-        assert result.tls is not None
+        (evidence,) = result.evidence
         (negotiated,) = server.tls_sessions
-        assert (result.tls.protocol, result.tls.cipher) == (negotiated.version, negotiated.cipher)
+        assert (evidence.tls_protocol, evidence.tls_cipher) == (
+            negotiated.version,
+            negotiated.cipher,
+        )
 
 
 @pytest.mark.parametrize(
     ("behaviour", "message"),
     [
         (EXPIRED_CERT, "certificate has expired"),
-        (WRONG_HOST_CERT, "Hostname mismatch"),
+        (WRONG_HOST_CERT, "hostname mismatch: the certificate names wrong-host.invalid"),
         (TLS12_SELF_SIGNED, "self-signed certificate"),
     ],
     ids=["expired", "wrong-host", "self-signed"],
@@ -244,12 +263,20 @@ async def test_certificate_failures_under_verify(
 ) -> None:
     server = await world.add_mx("dest.test", behaviour)
     result = await failure(world, server, "verify")
-    assert (result.outcome, result.insecure, result.status) == (
-        Outcome.PERMANENT,
+    assert (result.kind, result.insecure, result.status) == (
+        Kind.INSECURE,
         Insecure.CERTIFICATE,
         "5.7.5",
     )
-    assert message in result.detail
+    assert message in result.diagnostic
+    # The refused session is evidence too: what was negotiated, and under which policy.
+    (evidence,) = result.evidence
+    assert (evidence.kind, evidence.policy, evidence.cert_verified) == (
+        Kind.INSECURE,
+        "verify",
+        False,
+    )
+    assert evidence.tls_protocol is not None and evidence.cert_fingerprint is not None
     assert_envelope_never_sent(server)
 
 
@@ -257,7 +284,7 @@ async def test_verify_needs_the_ca(world: World) -> None:
     server = await world.add_mx("dest.test", MODERN)
     result = await failure(world, server, "verify", ca_file=False)
     assert result.insecure is Insecure.CERTIFICATE
-    assert "unable to get local issuer certificate" in result.detail
+    assert "unable to get local issuer certificate" in result.diagnostic
     assert_envelope_never_sent(server)
 
 
@@ -278,12 +305,12 @@ async def test_no_shared_cipher_is_a_handshake_failure(world: World) -> None:
     ctx.set_ciphers("eNULL:@SECLEVEL=0")
     server._contexts[TlsMode.TLS12_ECDHE_GCM] = ctx  # world API has no hook for this
     result = await failure(world, server)
-    assert (result.outcome, result.insecure, result.status) == (
-        Outcome.PERMANENT,
+    assert (result.kind, result.insecure, result.status) == (
+        Kind.INSECURE,
         Insecure.HANDSHAKE,
         "5.7.5",
     )
-    assert "ALERT_HANDSHAKE_FAILURE" in result.detail
+    assert "ALERT_HANDSHAKE_FAILURE" in result.diagnostic
     assert_envelope_never_sent(server)
 
 
@@ -309,7 +336,7 @@ async def test_tls13_only_refuses_tls12(world: World) -> None:
     server = await world.add_mx("dest.test", TLS12_SELF_SIGNED)
     result = await failure(world, server, profile="tls13-only")
     assert result.insecure is Insecure.PROTOCOL
-    assert result.detail.endswith("negotiated TLSv1.2")
+    assert result.diagnostic.endswith("negotiated TLSv1.2")
     assert_envelope_never_sent(server)
 
 
@@ -327,9 +354,9 @@ async def test_every_profile_accepts_a_modern_server(world: World, profile: Ciph
 async def test_starttls_454_is_transient(world: World) -> None:
     server = await world.add_mx("dest.test", STARTTLS_454)
     result = await failure(world, server)
-    assert result.outcome is Outcome.TRANSIENT
+    assert result.kind is Kind.TRANSIENT
     assert result.insecure is None
-    assert result.reply == Reply(454, "4.7.0", "TLS not available due to temporary reason")
+    assert server_reply(result) == "454 4.7.0 TLS not available due to temporary reason"
     assert result.status == "4.7.0"
     assert result.diagnostic == "smtp; 454 4.7.0 TLS not available due to temporary reason"
     assert_envelope_never_sent(server)
@@ -338,8 +365,8 @@ async def test_starttls_454_is_transient(world: World) -> None:
 async def test_garbage_after_starttls_is_transient(world: World) -> None:
     server = await world.add_mx("dest.test", GARBAGE_AFTER_STARTTLS)
     result = await failure(world, server)
-    assert (result.outcome, result.insecure, result.status) == (Outcome.TRANSIENT, None, "4.7.5")
-    assert "TLS handshake broke off" in result.detail
+    assert (result.kind, result.insecure, result.status) == (Kind.TRANSIENT, None, "4.7.5")
+    assert "TLS handshake broke off" in result.diagnostic
     assert_envelope_never_sent(server)
 
 
@@ -347,7 +374,7 @@ async def test_connection_refused_is_transient(world: World) -> None:
     server = await world.add_mx("dest.test", MODERN)
     await server.stop()
     result = await failure(world, server)
-    assert (result.outcome, result.status) == (Outcome.TRANSIENT, "4.4.1")
+    assert (result.kind, result.status) == (Kind.TRANSIENT, "4.4.1")
 
 
 async def test_silent_server_times_out_as_transient(world: World) -> None:
@@ -360,6 +387,7 @@ async def test_silent_server_times_out_as_transient(world: World) -> None:
         result = await open_session(
             "silent.dest.test",
             "127.0.26.250",
+            requirement("silent.dest.test", "encrypt"),
             port=SMTP_PORT,
             ehlo_name=EHLO_NAME,
             connect_timeout=0.3,
@@ -368,24 +396,22 @@ async def test_silent_server_times_out_as_transient(world: World) -> None:
     finally:
         silent_server.close()
         await silent_server.wait_closed()
-    assert isinstance(result, Failure)
-    assert (result.outcome, result.status) == (Outcome.TRANSIENT, "4.4.1")
+    assert isinstance(result, Result)
+    assert (result.kind, result.status) == (Kind.TRANSIENT, "4.4.1")
 
 
 @pytest.mark.parametrize(
-    ("greeting", "outcome", "status"),
+    ("greeting", "kind", "status"),
     [
-        ("421 4.3.2 {hostname} going down", Outcome.TRANSIENT, "4.3.2"),
-        ("554 5.7.1 {hostname} no service for you", Outcome.PERMANENT, "5.7.1"),
+        ("421 4.3.2 {hostname} going down", Kind.TRANSIENT, "4.3.2"),
+        ("554 5.7.1 {hostname} no service for you", Kind.PERMANENT, "5.7.1"),
     ],
 )
-async def test_greeting_refusals(
-    world: World, greeting: str, outcome: Outcome, status: str
-) -> None:
+async def test_greeting_refusals(world: World, greeting: str, kind: Kind, status: str) -> None:
     server = await world.add_mx("dest.test", Behaviour(greeting=greeting))
     result = await failure(world, server)
-    assert (result.outcome, result.status, result.insecure) == (outcome, status, None)
-    assert result.reply is not None and result.reply.code == int(greeting[:3])
+    assert (result.kind, result.status, result.insecure) == (kind, status, None)
+    assert result.diagnostic.startswith(f"smtp; {greeting[:3]} ")
     assert_envelope_never_sent(server)
 
 
@@ -404,13 +430,13 @@ async def test_recipient_replies_are_kept_per_recipient(world: World) -> None:
         result = await s.send(
             SENDER, ["bob@dest.test", "later@dest.test", "nobody@dest.test"], MESSAGE
         )
-    bob, later, nobody = result.recipients
-    assert (bob.recipient, bob.outcome, bob.status) == ("bob@dest.test", Outcome.SENT, "2.0.0")
-    assert (later.outcome, later.status) == (Outcome.TRANSIENT, "4.3.0")
-    assert later.reply == Reply(451, "4.3.0", "Try again later")
-    assert (nobody.outcome, nobody.status) == (Outcome.PERMANENT, "5.1.1")
+    bob, later, nobody = result
+    assert (bob.kind, bob.status) == (Kind.SENT, "2.0.0")
+    assert (later.kind, later.status) == (Kind.TRANSIENT, "4.3.0")
+    assert server_reply(later) == "451 4.3.0 Try again later"
+    assert (nobody.kind, nobody.status) == (Kind.PERMANENT, "5.1.1")
     assert nobody.diagnostic == "smtp; 550 5.1.1 No such user"
-    assert result.with_outcome(Outcome.SENT) == [bob]
+    assert [r for r in result if r.kind is Kind.SENT] == [bob]
     (message,) = await server.wait_for_messages()
     assert message.rcpt_tos == ("bob@dest.test",)
 
@@ -420,19 +446,19 @@ async def test_no_recipient_accepted_sends_no_data(world: World) -> None:
     async with await session(world, server) as s:
         result = await s.send(SENDER, ["a@dest.test", "b@dest.test"], MESSAGE)
         assert s.alive
-    assert [r.outcome for r in result.recipients] == [Outcome.PERMANENT] * 2
+    assert [r.kind for r in result] == [Kind.PERMANENT] * 2
     assert "DATA" not in [c.line for c in server.commands]
 
 
 @pytest.mark.parametrize(
-    ("data_reply", "outcome", "status"),
+    ("data_reply", "kind", "status"),
     [
-        ("554 5.6.0 Content rejected", Outcome.PERMANENT, "5.6.0"),
-        ("451 4.3.0 Queue full", Outcome.TRANSIENT, "4.3.0"),
+        ("554 5.6.0 Content rejected", Kind.PERMANENT, "5.6.0"),
+        ("451 4.3.0 Queue full", Kind.TRANSIENT, "4.3.0"),
     ],
 )
 async def test_data_reply_applies_to_every_accepted_recipient(
-    world: World, data_reply: str, outcome: Outcome, status: str
+    world: World, data_reply: str, kind: Kind, status: str
 ) -> None:
     behaviour = Behaviour(
         data_reply=data_reply, rcpt_replies={"nobody@dest.test": "550 5.1.1 No such user"}
@@ -441,18 +467,18 @@ async def test_data_reply_applies_to_every_accepted_recipient(
     async with await session(world, server) as s:
         result = await s.send(SENDER, ["a@dest.test", "nobody@dest.test", "b@dest.test"], MESSAGE)
         again = await s.send(SENDER, ["c@dest.test"], MESSAGE)  # RSET, then a clean transaction
-    a, nobody, b = result.recipients
-    assert (a.outcome, a.status, b.outcome, b.status) == (outcome, status, outcome, status)
-    assert a.reply is not None and str(a.reply) == data_reply
+    a, nobody, b = result
+    assert (a.kind, a.status, b.kind, b.status) == (kind, status, kind, status)
+    assert server_reply(a) == data_reply
     assert nobody.status == "5.1.1"
-    assert again.recipients[0].outcome is outcome
+    assert again[0].kind is kind
 
 
 async def test_mail_from_refused_decides_every_recipient(world: World) -> None:
     server = await world.add_mx("dest.test", Behaviour(mail_reply="550 5.7.1 Sender rejected"))
     async with await session(world, server) as s:
         result = await s.send(SENDER, ["a@dest.test", "b@dest.test"], MESSAGE)
-    assert [(r.outcome, r.status) for r in result.recipients] == [(Outcome.PERMANENT, "5.7.1")] * 2
+    assert [(r.kind, r.status) for r in result] == [(Kind.PERMANENT, "5.7.1")] * 2
     assert not [c for c in server.commands if c.line.startswith("RCPT")]
 
 
@@ -460,12 +486,15 @@ async def test_hang_up_after_data_is_transient_and_ends_the_session(world: World
     server = await world.add_mx("dest.test", Behaviour(data_reply=None))
     s = await session(world, server)
     result = await s.send(SENDER, ["a@dest.test"], MESSAGE)
-    (rcpt,) = result.recipients
-    assert (rcpt.outcome, rcpt.status, rcpt.reply) == (Outcome.TRANSIENT, "4.4.2", None)
-    assert "DATA" in rcpt.detail
+    (rcpt,) = result
+    assert (rcpt.kind, rcpt.status) == (Kind.TRANSIENT, "4.4.2")
+    assert not rcpt.diagnostic.startswith("smtp;")  # no reply came: our own diagnostic
+    assert "DATA" in rcpt.diagnostic
     assert not s.alive
-    later = await s.send(SENDER, ["b@dest.test"], MESSAGE)
-    assert later.recipients[0].outcome is Outcome.TRANSIENT
+    # The next transaction finds the session dead before sending anything: the courier's cue
+    # to go again on a fresh connection.
+    with pytest.raises(StaleSession):
+        await s.send(SENDER, ["b@dest.test"], MESSAGE)
     await s.close()  # a dead peer is no error
 
 
@@ -482,9 +511,9 @@ async def test_extensions_used_only_as_offered(world: World) -> None:
     eight_bit = MESSAGE.replace(b"Personal data.", "Persönliche Daten.".encode())
     async with await session(world, server) as s:
         result = await s.send(SENDER, ["bob@dest.test", "jürgen@dest.test"], eight_bit)
-    bob, jurgen = result.recipients
-    assert bob.outcome is Outcome.SENT
-    assert (jurgen.outcome, jurgen.status) == (Outcome.PERMANENT, "5.6.7")
+    bob, jurgen = result
+    assert bob.kind is Kind.SENT
+    assert (jurgen.kind, jurgen.status) == (Kind.PERMANENT, "5.6.7")
     (mail,) = [c.line for c in server.commands if c.line.startswith("MAIL")]
     assert mail == f"MAIL FROM:<{SENDER}> SIZE={len(eight_bit)} BODY=8BITMIME"
     (message,) = await server.wait_for_messages()
@@ -500,4 +529,4 @@ def test_reply_parsing() -> None:
     assert Reply.parse(550, "No enhanced code") == Reply(550, None, "No enhanced code")
     assert str(Reply(550, "5.1.1", "No such\nuser")) == "550 5.1.1 No such user"
     assert Reply(451, "5.1.1", "inconsistent").status == "4.0.0"
-    assert Reply(354, None, "go on").outcome is Outcome.PERMANENT
+    assert Reply(354, None, "go on").kind is Kind.PERMANENT

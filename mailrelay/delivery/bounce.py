@@ -7,7 +7,8 @@ import datetime as dt
 
 from mailrelay.config import Config
 from mailrelay.delivery.dsn import RecipientStatus, build_dsn
-from mailrelay.store.queue import Job, NewMessage, Outcome
+from mailrelay.store.claims import Job, RecipientUpdate
+from mailrelay.store.queue import NewMessage
 
 
 def header_section(data: bytes) -> bytes:
@@ -16,7 +17,7 @@ def header_section(data: bytes) -> bytes:
 
 
 def bounce_for(
-    config: Config, job: Job, bounced: list[Outcome], notify: str | None
+    config: Config, job: Job, bounced: list[RecipientUpdate], notify: str | None
 ) -> NewMessage | None:
     """None when no DSN is due: a bounce is never bounced (RFC 3464 §2.2.1 null sender)."""
     if job.is_bounce or not bounced:
@@ -26,13 +27,13 @@ def bounce_for(
         return None
     statuses = []
     for o in bounced:
-        last = o.attempts[-1] if o.attempts else None
+        last = o.evidence[-1] if o.evidence else None
         statuses.append(
             RecipientStatus(
                 final_recipient=o.address,
                 action="failed",
                 status=o.status,
-                diagnostic_code=o.reply,
+                diagnostic_code=o.diagnostic,
                 remote_mta=last.mx_host if last else None,
                 last_attempt_date=dt.datetime.fromtimestamp(
                     last.at if last else job.created_at, dt.UTC

@@ -50,19 +50,59 @@ def verify_chain(
     """
     if not chain_der:
         return "the server sent no certificate"
+    now = now or dt.datetime.now(dt.UTC)
+    host = host.rstrip(".").lower()
     try:
         leaf, *intermediates = (x509.load_der_x509_certificate(der) for der in chain_der)
+    except ValueError as exc:
+        return f"unreadable certificate: {exc}"
+    try:
         verifier = (
             PolicyBuilder()
             .store(_trust_store(ca_file, mtime(ca_file)))
-            .time(now or dt.datetime.now(dt.UTC))
-            .build_server_verifier(x509.DNSName(host.rstrip(".").lower()))
+            .time(now)
+            .build_server_verifier(x509.DNSName(host))
         )
         verifier.verify(leaf, intermediates)
     except (VerificationError, ValueError) as exc:
-        # Drop cryptography's "(encountered processing <Certificate(...)>)" suffix.
-        return str(exc).split(" (encountered", 1)[0] or type(exc).__name__
+        # cryptography says what broke in its own terms ("candidates exhausted"); the
+        # operator reading a bounce wants the usual words for the usual causes.
+        return _plain_reason(leaf, host, now) or str(exc).split(" (encountered", 1)[0]
     return None
+
+
+def _plain_reason(leaf: x509.Certificate, host: str, now: dt.datetime) -> str | None:
+    if leaf.not_valid_after_utc < now:
+        return f"certificate has expired (notAfter {leaf.not_valid_after_utc:%Y-%m-%d %H:%M} UTC)"
+    if leaf.not_valid_before_utc > now:
+        return f"certificate is not yet valid (notBefore {leaf.not_valid_before_utc:%Y-%m-%d})"
+    names = dns_names(leaf)
+    if not any(name_matches(pattern, host) for pattern in names):
+        return (
+            f"hostname mismatch: the certificate names {', '.join(names) or 'no host'}, not {host}"
+        )
+    if leaf.issuer == leaf.subject:
+        return "self-signed certificate"
+    issuer = leaf.issuer.rfc4514_string()
+    return f"unable to get local issuer certificate: {issuer} is not a trusted root"
+
+
+def dns_names(cert: x509.Certificate) -> list[str]:
+    """The DNS names in the subjectAltName (RFC 6125 §6.4.4: no CN fallback when SANs exist)."""
+    try:
+        san = cert.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
+    except x509.ExtensionNotFound:
+        return []
+    return [name.lower().rstrip(".") for name in san.get_values_for_type(x509.DNSName)]
+
+
+def name_matches(pattern: str, host: str) -> bool:
+    """RFC 6125 §6.4.3: exact, or "*." standing for exactly one whole left-most label."""
+    pattern, host = pattern.lower().rstrip("."), host.lower().rstrip(".")
+    if pattern.startswith("*."):
+        label, _, rest = host.partition(".")
+        return bool(label) and rest == pattern[2:] and "." in rest
+    return pattern == host
 
 
 def mtime(path: str) -> int:

@@ -1,232 +1,112 @@
-"""One delivery attempt of one message to one domain: MX hosts in order, secure sessions only,
-and a sent / deferred / bounced outcome for every recipient, with the evidence of each try."""
+"""Couriers deliver one message to the recipients of one domain and say how each attempt ended.
+
+`Courier` is the seam between the queue runner, which owns every recipient's life, and SMTP.
+`SmtpCourier` asks the transport policy for the routes, tries MX hosts in order over sessions
+the policy accepts, and returns one `Result` per recipient with the evidence of every
+connection it made. It never retries later, counts, bounces or writes: the runner does.
+"""
 
 from __future__ import annotations
 
 import logging
-import time
-from collections.abc import Callable
-from dataclasses import dataclass, field
-from typing import Literal
+from typing import Protocol
 
-from mailrelay.config import Config
-from mailrelay.delivery import retry
-from mailrelay.delivery.mx import MxFailure, MxHost, MxResolver
+from mailrelay.delivery.policy import Destination, Route, TransportPolicy
 from mailrelay.delivery.pool import SessionPool
-from mailrelay.delivery.session import Failure, Insecure, Outcome, RecipientResult, Session
+from mailrelay.delivery.result import Evidence, Kind, Result, most_telling
+from mailrelay.delivery.session import StaleSession
 from mailrelay.metrics import Metrics
-from mailrelay.store.queue import Attempt, Job, Verdict
-from mailrelay.store.queue import Outcome as RecipientOutcome
+from mailrelay.store.claims import Job
 
 log = logging.getLogger("mailrelay.delivery")
 
-_VERDICT: dict[Outcome, Verdict] = {
-    Outcome.SENT: "sent",
-    Outcome.TRANSIENT: "deferred",
-    Outcome.PERMANENT: "bounced",
-}
+
+class Courier(Protocol):
+    async def deliver(self, job: Job) -> list[Result]:
+        """One result per recipient of `job`, in the order of `job.recipients`."""
+        ...
 
 
-@dataclass
-class _Tries:
-    """What happened on each MX address tried so far, in order."""
-
-    attempts: list[Attempt] = field(default_factory=list)
-    insecure: list[Failure] = field(default_factory=list)
-    transient: list[Failure] = field(default_factory=list)
-    permanent: list[Failure] = field(default_factory=list)
-
-    def note(self, failure: Failure, mx: MxHost, address: str) -> None:
-        tls = failure.tls
-        verdict: Verdict = (
-            "insecure"
-            if failure.insecure
-            else "deferred"
-            if failure.outcome is Outcome.TRANSIENT
-            else "bounced"
-        )
-        self.attempts.append(
-            Attempt(
-                at=time.time(),
-                mx_host=mx.name,
-                mx_address=address,
-                reply=failure.detail if failure.reply is None else str(failure.reply),
-                tls_protocol=tls.protocol if tls else None,
-                tls_cipher=tls.cipher if tls else None,
-                cert_fingerprint=tls.certificate.sha256 if tls and tls.certificate else None,
-                cert_verified=tls.verified if tls else None,
-                verdict=verdict,
-            )
-        )
-        if failure.insecure is not None:
-            self.insecure.append(failure)
-        elif failure.outcome is Outcome.TRANSIENT:
-            self.transient.append(failure)
-        else:
-            self.permanent.append(failure)
-
-
-class Courier:
-    def __init__(
-        self,
-        config: Config,
-        resolver: MxResolver,
-        pool: SessionPool,
-        metrics: Metrics,
-        clock: Callable[[], float] = time.time,
-    ) -> None:
-        self.config = config
-        self.resolver = resolver
+class SmtpCourier:
+    def __init__(self, policy: TransportPolicy, pool: SessionPool, metrics: Metrics) -> None:
+        self.policy = policy
         self.pool = pool
         self.metrics = metrics
-        self.clock = clock
 
-    async def deliver(self, job: Job) -> list[RecipientOutcome]:
-        mx = await self.resolver.resolve_mx(job.domain)
-        if isinstance(mx, MxFailure):
-            if not mx.permanent:
+    async def deliver(self, job: Job) -> list[Result]:
+        destination = await self.policy.destination(job.domain)
+        if isinstance(destination, Result):
+            if destination.kind is Kind.TRANSIENT:
                 self.metrics.dns_lookup_failures.inc()
-            return self._all(job, mx.permanent, mx.status, mx.detail, [])
-        tries = _Tries()
-        pending = list(job.recipients)
-        for host in mx:
-            for address in host.addresses:
-                session = await self._session(job.domain, host, address, tries)
-                if session is None:
-                    continue
-                result = await session.send(job.sender, [r.address for r in pending], job.data)
-                self.pool.release(session)
-                outcomes = self._decided(job, result.recipients, session, tries)
-                # RFC 5321 §5.1: a reply from an MX that took the transaction is final for this
-                # attempt; other MX hosts are tried only when no session could be set up.
-                return outcomes
-        return self._unreached(job, tries)
-
-    async def _session(
-        self, domain: str, host: MxHost, address: str, tries: _Tries
-    ) -> Session | None:
-        opened = await self.pool.acquire(
-            host.name,
-            address,
-            security_level=self.config.delivery.security_level_for(domain),
-            cipher_profile=self.config.delivery.cipher_profile_for(domain),
-        )
-        if isinstance(opened, Failure):
-            tries.note(opened, host, address)
-            if opened.insecure is not None:
-                self.metrics.smtp_insecure_refusals.labels(reason=opened.insecure.value).inc()
-            log.info(
-                "event=mx_refused mx=%s[%s] domain=%s verdict=%s status=%s detail=%r",
-                host.name,
-                address,
-                domain,
-                opened.insecure.value if opened.insecure else opened.outcome.value,
-                opened.status,
-                opened.detail,
-            )
-            return None
-        return opened
-
-    def _decided(
-        self, job: Job, results: tuple[RecipientResult, ...], session: Session, tries: _Tries
-    ) -> list[RecipientOutcome]:
-        now = self.clock()
-        tls = session.tls
-        outcomes = []
-        for claimed, result in zip(job.recipients, results, strict=True):
-            verdict: Verdict = _VERDICT[result.outcome]
-            attempt = Attempt(
-                at=now,
-                mx_host=session.mx_name,
-                mx_address=session.address,
-                reply=str(result.reply) if result.reply else result.detail,
-                tls_protocol=tls.protocol,
-                tls_cipher=tls.cipher,
-                cert_fingerprint=tls.certificate.sha256 if tls.certificate else None,
-                cert_verified=tls.verified,
-                verdict=verdict,
-            )
-            attempts = (*tries.attempts, attempt)
-            reply = result.diagnostic
-            if result.outcome is Outcome.TRANSIENT:
-                outcomes.append(
-                    self._defer(
-                        job,
-                        claimed.id,
-                        claimed.address,
-                        claimed.attempts,
-                        result.status,
-                        reply,
-                        attempts,
-                    )
-                )
+            return [destination] * len(job.recipients)
+        tried: list[Result] = []  # how each MX address that gave no session ended, in order
+        for route in destination.routes:
+            if route.refusal is not None:
+                self._refused(destination, route, route.refusal)
+                tried.append(route.refusal)
                 continue
-            state: Literal["sent", "bounced"] = (
-                "sent" if result.outcome is Outcome.SENT else "bounced"
-            )
-            outcomes.append(
-                RecipientOutcome(
-                    claimed.id, claimed.address, state, result.status, reply, None, attempts
-                )
-            )
-        return outcomes
+            for address in route.host.addresses:
+                results = await self._transaction(job, destination, route, address, tried)
+                if results is not None:
+                    # RFC 5321 §5.1: a reply from an MX that took the transaction is final for
+                    # this attempt; other MX hosts are tried only when no session could be set up.
+                    earlier = _evidence(tried)
+                    return [r.with_evidence(earlier) for r in results]
+        return [_unreached(job.domain, tried)] * len(job.recipients)
 
-    def _unreached(self, job: Job, tries: _Tries) -> list[RecipientOutcome]:
-        """No MX gave us a session. Insecure only if every MX was reached and refused."""
-        if tries.insecure and not tries.transient:
-            detail = "; ".join(f.detail for f in tries.insecure)
-            status = _insecure_status(tries.insecure)
-            if self.config.delivery.insecure_action_for(job.domain) == "defer":
-                return self._all(job, False, "4" + status[1:], detail, tries.attempts)
-            return self._all(job, True, status, detail, tries.attempts)
-        if tries.transient or not tries.permanent:
-            failures = tries.transient + tries.insecure
-            detail = "; ".join(f.detail for f in failures) or f"no usable MX for {job.domain}"
-            status = failures[0].status if failures else "4.4.1"
-            return self._all(job, False, status, detail, tries.attempts)
-        detail = "; ".join(f.diagnostic for f in tries.permanent)
-        return self._all(job, True, tries.permanent[0].status, detail, tries.attempts)
+    async def _transaction(
+        self, job: Job, destination: Destination, route: Route, address: str, tried: list[Result]
+    ) -> list[Result] | None:
+        """The results of one transaction on `address`, or None when no session was set up."""
+        rcpts = [r.address for r in job.recipients]
+        for fresh in (False, True):
+            async with self.pool.session(route.host.name, address, route.tls, fresh=fresh) as s:
+                if isinstance(s, Result):
+                    self._refused(destination, route, s)
+                    tried.append(s)
+                    return None
+                try:
+                    return await s.send(job.sender, rcpts, job.data)
+                except StaleSession as exc:
+                    # Nothing of this transaction left: go again at once on a new connection
+                    # rather than defer the recipients for a retry interval.
+                    log.info("event=stale_session domain=%s detail=%r", job.domain, str(exc))
+        raise AssertionError("a fresh session cannot be stale")
 
-    def _all(
-        self, job: Job, permanent: bool, status: str, detail: str, attempts: list[Attempt]
-    ) -> list[RecipientOutcome]:
-        if permanent:
-            return [
-                RecipientOutcome(r.id, r.address, "bounced", status, detail, None, tuple(attempts))
-                for r in job.recipients
-            ]
-        return [
-            self._defer(job, r.id, r.address, r.attempts, status, detail, tuple(attempts))
-            for r in job.recipients
-        ]
-
-    def _defer(
-        self,
-        job: Job,
-        recipient_id: int,
-        address: str,
-        previous_attempts: int,
-        status: str,
-        reply: str,
-        attempts: tuple[Attempt, ...],
-    ) -> RecipientOutcome:
-        now = self.clock()
-        if retry.expired(job.created_at, now, self.config.delivery.max_queue_lifetime):
-            # Given up: the DSN says the time ran out, and why the last attempt failed.
-            expiry = f"message expired in the queue; last error: {reply}"
-            return RecipientOutcome(
-                recipient_id, address, "bounced", "4.4.7", expiry, None, attempts
-            )
-        when = now + retry.next_delay(previous_attempts + 1)
-        return RecipientOutcome(recipient_id, address, "deferred", status, reply, when, attempts)
+    def _refused(self, destination: Destination, route: Route, result: Result) -> None:
+        if result.insecure is not None:
+            self.metrics.smtp_insecure_refusals.labels(reason=result.insecure.value).inc()
+        last = result.evidence[-1] if result.evidence else None
+        log.info(
+            "event=mx_refused mx=%s[%s] domain=%s verdict=%s status=%s detail=%r",
+            route.host.name,
+            last.mx_address if last else "-",
+            destination.domain,
+            result.insecure.value if result.insecure else result.kind.value,
+            result.status,
+            result.diagnostic,
+        )
 
 
-def _insecure_status(failures: list[Failure]) -> str:
-    """The most telling RFC 3463 code among the MX hosts refused: an MX that did offer TLS
-    (5.7.10, 5.7.5) says more about the destination than one that offered none (5.7.4)."""
-    order = {"5.7.10": 0, "5.7.5": 1, "5.7.4": 2}
-    codes = [f.insecure.status for f in failures if f.insecure is not None]
-    return min(codes, key=lambda c: order.get(c, 3)) if codes else "5.7.0"
+def _evidence(results: list[Result]) -> tuple[Evidence, ...]:
+    return tuple(e for r in results for e in r.evidence)
 
 
-__all__ = ["Courier", "Insecure"]
+def _unreached(domain: str, tried: list[Result]) -> Result:
+    """No MX gave us a session. Insecure only if every MX was reached and refused: while one
+    might still turn out fine (a transient failure), the recipients wait."""
+    evidence = _evidence(tried)
+    insecure = [r for r in tried if r.kind is Kind.INSECURE]
+    transient = [r for r in tried if r.kind is Kind.TRANSIENT]
+    permanent = [r for r in tried if r.kind is Kind.PERMANENT]
+    if insecure and not transient:
+        telling = most_telling(insecure)
+        diagnostic = "; ".join(r.diagnostic for r in insecure)
+        return Result(Kind.INSECURE, telling.status, diagnostic, telling.insecure, evidence)
+    if transient or not permanent:
+        failures = transient + insecure
+        diagnostic = "; ".join(r.diagnostic for r in failures) or f"no usable MX for {domain}"
+        status = failures[0].status if failures else "4.4.1"
+        return Result(Kind.TRANSIENT, status, diagnostic, evidence=evidence)
+    diagnostic = "; ".join(r.diagnostic for r in permanent)
+    return Result(Kind.PERMANENT, permanent[0].status, diagnostic, evidence=evidence)

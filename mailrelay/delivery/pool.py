@@ -6,10 +6,13 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import time
+from collections.abc import AsyncIterator
 from dataclasses import dataclass
 
-from mailrelay.config import CipherProfile, Config, SecurityLevel
-from mailrelay.delivery.session import Failure, Session, open_session
+from mailrelay.config import Config
+from mailrelay.delivery.policy import TlsRequirement
+from mailrelay.delivery.result import Result
+from mailrelay.delivery.session import Session, open_session
 from mailrelay.metrics import Metrics
 
 # Receivers commonly drop idle clients after 30-60 s (Postfix smtpd_timeout is 300 s, but many
@@ -26,26 +29,20 @@ class _Idle:
     uses: int
 
 
-_Key = tuple[str, str, SecurityLevel, CipherProfile]
+_Key = tuple[str, str, TlsRequirement]
 
 
 async def open_configured(
-    config: Config,
-    mx_name: str,
-    address: str,
-    security_level: SecurityLevel,
-    cipher_profile: CipherProfile,
-) -> Session | Failure:
+    config: Config, mx_name: str, address: str, requirement: TlsRequirement
+) -> Session | Result:
     """A new session to one MX address with the port, names and timeouts of `config`."""
     d = config.delivery
     return await open_session(
         mx_name,
         address,
+        requirement,
         port=d.port,
         ehlo_name=config.hostname,
-        security_level=security_level,
-        cipher_profile=cipher_profile,
-        ca_file=d.ca_file,
         connect_timeout=d.connect_timeout,
         command_timeout=d.command_timeout,
     )
@@ -72,26 +69,35 @@ class SessionPool:
         self._idle.clear()
         await asyncio.gather(*(s.close() for s in idle), *self._closing, return_exceptions=True)
 
-    async def acquire(
-        self,
-        mx_name: str,
-        address: str,
-        *,
-        security_level: SecurityLevel,
-        cipher_profile: CipherProfile,
-    ) -> Session | Failure:
-        # The policy is part of the key: a session graded under "encrypt" must not carry mail
-        # for a destination that requires "verify".
-        key: _Key = (mx_name, address, security_level, cipher_profile)
-        while self._idle.get(key):
-            idle = self._idle[key].pop()
+    @contextlib.asynccontextmanager
+    async def session(
+        self, mx_name: str, address: str, requirement: TlsRequirement, *, fresh: bool = False
+    ) -> AsyncIterator[Session | Result]:
+        """A session to one MX address that meets `requirement` (an idle one unless `fresh`),
+        or how opening one ended. It goes back to the pool, or is closed, however the block
+        ends."""
+        opened = await self._acquire(mx_name, address, requirement, fresh)
+        try:
+            yield opened
+        finally:
+            if isinstance(opened, Session):
+                self._release(opened)
+
+    async def _acquire(
+        self, mx_name: str, address: str, requirement: TlsRequirement, fresh: bool
+    ) -> Session | Result:
+        # The requirement is part of the key: a session judged under "encrypt" must not carry
+        # mail for a destination that requires "verify", DANE or MTA-STS.
+        key: _Key = (mx_name, address, requirement)
+        while not fresh and (idle_sessions := self._idle.get(key)):
+            idle = idle_sessions.pop()
+            if not idle_sessions:
+                del self._idle[key]
             if idle.session.alive and time.monotonic() - idle.since < IDLE_SECONDS:
                 self._uses[id(idle.session)] = (key, idle.uses)
                 return idle.session
             await idle.session.close()
-        opened = await open_configured(
-            self.config, mx_name, address, security_level, cipher_profile
-        )
+        opened = await open_configured(self.config, mx_name, address, requirement)
         if isinstance(opened, Session):
             tls = opened.tls
             self.metrics.smtp_tls_connections.labels(
@@ -102,7 +108,7 @@ class SessionPool:
             self._uses[id(opened)] = (key, 0)
         return opened
 
-    def release(self, session: Session) -> None:
+    def _release(self, session: Session) -> None:
         key, uses = self._uses.pop(id(session))
         if session.alive and uses + 1 < MAX_USES:
             self._idle.setdefault(key, []).append(_Idle(session, time.monotonic(), uses + 1))
@@ -117,6 +123,15 @@ class SessionPool:
             now = time.monotonic()
             for key, sessions in list(self._idle.items()):
                 stale = [i for i in sessions if now - i.since >= IDLE_SECONDS]
-                self._idle[key] = [i for i in sessions if now - i.since < IDLE_SECONDS]
+                fresh = [i for i in sessions if now - i.since < IDLE_SECONDS]
+                if fresh:
+                    self._idle[key] = fresh
+                else:
+                    del self._idle[key]  # keys of hosts no longer used do not pile up
                 for i in stale:
                     await i.session.close()
+
+    @property
+    def idle_keys(self) -> int:
+        """How many (MX, address, requirement) keys hold idle sessions now."""
+        return len(self._idle)

@@ -4,15 +4,17 @@ report what each one offers and whether the current policy accepts it."""
 from __future__ import annotations
 
 import asyncio
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from typing import Literal
 
-from mailrelay.config import CipherProfile, Config, SecurityLevel
-from mailrelay.delivery.mx import MxFailure, MxResolver
+from mailrelay.config import Config
+from mailrelay.delivery.mx import MxResolver
+from mailrelay.delivery.policy import Encrypt, Route, TransportPolicy
 from mailrelay.delivery.pool import open_configured
-from mailrelay.delivery.session import Failure, Outcome, TlsFacts
+from mailrelay.delivery.result import Insecure, Kind, Result
+from mailrelay.delivery.session import TlsFacts
 
-Verdict = Literal["secure", "insecure", "unreachable"]
+ProbeVerdict = Literal["secure", "insecure", "unreachable"]
 Overall = Literal["secure", "partly secure", "insecure", "unreachable", "no mail service"]
 
 
@@ -29,7 +31,7 @@ class MxReport:
     certificate_not_before: str | None
     certificate_not_after: str | None
     certificate_verified: bool | None
-    verdict: Verdict
+    verdict: ProbeVerdict
     status: str  # RFC 3463, as delivery would record it
     detail: str
 
@@ -52,14 +54,16 @@ async def tls_check(config: Config, domain: str) -> TlsCheckReport:
     d = config.delivery
     level, profile = d.security_level_for(domain), d.cipher_profile_for(domain)
     resolver = MxResolver(d.nameservers, timeout=d.dns_timeout)
-    hosts = await resolver.resolve_mx(domain)
-    if isinstance(hosts, MxFailure):
-        overall: Overall = "no mail service" if hosts.permanent else "unreachable"
-        return TlsCheckReport(domain, level, profile, overall, hosts.detail, ())
+    destination = await TransportPolicy(config, resolver).destination(domain)
+    if isinstance(destination, Result):
+        overall: Overall = (
+            "no mail service" if destination.kind is Kind.PERMANENT else "unreachable"
+        )
+        return TlsCheckReport(domain, level, profile, overall, destination.diagnostic, ())
     probes = [
-        _probe(config, host.name, host.preference, address, level, profile)
-        for host in hosts
-        for address in host.addresses
+        _probe(config, route, address)
+        for route in destination.routes
+        for address in route.host.addresses
     ]
     reports = tuple(await asyncio.gather(*probes))
     verdicts = {r.verdict for r in reports}
@@ -74,39 +78,38 @@ async def tls_check(config: Config, domain: str) -> TlsCheckReport:
     return TlsCheckReport(domain, level, profile, overall, detail, reports)
 
 
-async def _probe(
-    config: Config,
-    host: str,
-    preference: int,
-    address: str,
-    level: SecurityLevel,
-    profile: CipherProfile,
-) -> MxReport:
-    opened = await open_configured(config, host, address, level, profile)
-    if not isinstance(opened, Failure):
+async def _probe(config: Config, route: Route, address: str) -> MxReport:
+    host, preference = route.host.name, route.host.preference
+    opened = route.refusal or await open_configured(config, host, address, route.tls)
+    if not isinstance(opened, Result):
         await opened.close()
         accepted = f"{opened.where}: accepted"
         return _report(host, preference, address, True, opened.tls, "secure", "2.0.0", accepted)
     failure = opened
-    facts = failure.tls
-    if facts is None and level == "verify" and failure.insecure is not None:
-        # A certificate refused under "verify" leaves no session to describe; look again under
-        # "encrypt" only to show the operator what the certificate is.
-        again = await open_configured(config, host, address, "encrypt", profile)
-        if isinstance(again, Failure):
-            facts = again.tls
-        else:
+    facts = None
+    if failure.insecure is Insecure.CERTIFICATE:
+        # A refused certificate leaves no session to describe; look again accepting any
+        # certificate, only to show the operator what the certificate is.
+        anything = replace(route.tls, authentication=Encrypt(config.delivery.ca_file))
+        again = await open_configured(config, host, address, anything)
+        if not isinstance(again, Result):
             facts = again.tls
             await again.close()
     starttls = None
     if failure.insecure is not None:
-        starttls = failure.insecure.value not in ("no_starttls", "starttls_refused")
-    elif facts is not None:
+        starttls = failure.insecure not in (Insecure.NO_STARTTLS, Insecure.STARTTLS_REFUSED)
+    elif failure.evidence and failure.evidence[-1].tls_protocol:
         starttls = True
-    verdict: Verdict = "insecure" if failure.outcome is Outcome.PERMANENT else "unreachable"
-    return _report(
-        host, preference, address, starttls, facts, verdict, failure.status, failure.detail
-    )
+    verdict: ProbeVerdict = "unreachable" if failure.kind is Kind.TRANSIENT else "insecure"
+    last = failure.evidence[-1] if failure.evidence else None
+    if facts is None and last is not None and last.tls_protocol:
+        facts = TlsFacts(
+            last.tls_protocol, last.tls_cipher or "", None, last.cert_verified, None, last.policy
+        )
+    detail = last.reply if last and last.reply else failure.diagnostic
+    if failure.kind is Kind.INSECURE or last is None:
+        detail = failure.diagnostic
+    return _report(host, preference, address, starttls, facts, verdict, failure.status, detail)
 
 
 def _report(
@@ -115,7 +118,7 @@ def _report(
     address: str,
     starttls: bool | None,
     tls: TlsFacts | None,
-    verdict: Verdict,
+    verdict: ProbeVerdict,
     status: str,
     detail: str,
 ) -> MxReport:

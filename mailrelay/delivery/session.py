@@ -1,129 +1,46 @@
-"""The outbound SMTP session: connect, STARTTLS, grade the TLS, and only then send messages.
+"""The outbound SMTP session: connect, STARTTLS, let the transport policy judge the TLS, and
+only then send messages.
 
-`open_session` returns a `Session` whose TLS passed the policy, or a `Failure` that says whether
-the attempt is worth retrying (transient) or not (permanent), and, for a destination refused as
-insecure, which `Insecure` reason applies. `Session.send` returns one result per recipient. Only
-programming errors and cancellation raise. There is no path that sends MAIL FROM in plaintext,
-before grading, or after a refused grade.
+`open_session` returns a `Session` whose TLS the `TlsRequirement` accepted, or a `Result` that
+says how the attempt on this MX address ended (transient, permanent, or insecure with the
+reason). `Session.send` returns one `Result` per recipient. Only programming errors and
+cancellation raise. There is no path that sends MAIL FROM in plaintext, before the judgement, or
+after a refusal. The rules themselves live in `policy.py`; this module only asks.
 """
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
 import re
 import ssl
+import time
 from dataclasses import dataclass
-from enum import StrEnum
-from typing import Literal
 
 import aiosmtplib
 
-from mailrelay.config import CipherProfile, SecurityLevel
-from mailrelay.delivery.certificates import (
-    CertificateFacts,
-    certificate_facts,
-    verify_chain,
-    weak_chain,
-)
-from mailrelay.delivery.tls_policy import Insecure as Insecure  # re-exported, used with Failure
-from mailrelay.delivery.tls_policy import Refused, grade, shared_client_context
-
-
-class Outcome(StrEnum):
-    SENT = "sent"
-    TRANSIENT = "transient"
-    PERMANENT = "permanent"
-
-
-_ENHANCED = re.compile(r"([245]\.\d{1,3}\.\d{1,3})(?:\s+|$)")
-
-
-@dataclass(frozen=True)
-class Reply:
-    """One SMTP reply as received: code, RFC 3463 enhanced code if given, and the text."""
-
-    code: int
-    enhanced: str | None
-    text: str  # continuation lines joined with "\n", each without its enhanced code
-
-    @classmethod
-    def parse(cls, code: int, message: str) -> Reply:
-        match = _ENHANCED.match(message)
-        if match is None:
-            return cls(code, None, message)
-        enhanced = match.group(1)
-        lines = [line.removeprefix(enhanced).strip() for line in message.split("\n")]
-        return cls(code, enhanced, "\n".join(lines))
-
-    @property
-    def outcome(self) -> Outcome:
-        if 200 <= self.code < 300:
-            return Outcome.SENT
-        return Outcome.TRANSIENT if 400 <= self.code < 500 else Outcome.PERMANENT
-
-    @property
-    def status(self) -> str:
-        """The enhanced status to record: the server's own if consistent, else a generic one."""
-        klass = self.code // 100
-        if self.enhanced and self.enhanced[0] == str(klass):
-            return self.enhanced
-        return f"{klass}.0.0" if klass in (2, 4, 5) else "5.5.0"
-
-    def __str__(self) -> str:
-        text = " ".join(self.text.split())
-        return " ".join(str(p) for p in (self.code, self.enhanced, text) if p)
+from mailrelay.delivery.certificates import CertificateFacts, certificate_facts
+from mailrelay.delivery.ciphers import shared_client_context
+from mailrelay.delivery.policy import Accepted, Handshake, Refusal, TlsRequirement
+from mailrelay.delivery.reply import Reply
+from mailrelay.delivery.result import Evidence, Insecure, Kind, Result
 
 
 @dataclass(frozen=True)
 class TlsFacts:
+    """The negotiated session and how the policy judged it: the evidence of one connection."""
+
     protocol: str  # "TLSv1.3"
     cipher: str  # OpenSSL name
     certificate: CertificateFacts | None  # None: the server sent none (anonymous suite)
-    # Whether the chain verified to a trusted root for the MX name: under "verify" OpenSSL
-    # checked it; under "encrypt" we check it ourselves for the record. None: not determined.
-    verified: bool | None
+    verified: bool | None  # the chain reaches a trusted root for the MX name
     verify_error: str | None = None
+    policy: str | None = None  # the policy that accepted (or refused) the session
+    policy_detail: str | None = None
 
 
-_FailureOutcome = Literal[Outcome.TRANSIENT, Outcome.PERMANENT]
-
-
-@dataclass(frozen=True)
-class Failure:
-    """Why no session could be used on this MX address."""
-
-    outcome: _FailureOutcome
-    status: str  # RFC 3463
-    detail: str  # names the MX: "mx1.example.org[192.0.2.1]: negotiated TLSv1.0"
-    insecure: Insecure | None = None
-    reply: Reply | None = None
-    tls: TlsFacts | None = None  # what a refused handshake negotiated
-
-    @property
-    def diagnostic(self) -> str:
-        return f"smtp; {self.reply}" if self.reply else self.detail
-
-
-@dataclass(frozen=True)
-class RecipientResult:
-    recipient: str
-    outcome: Outcome
-    status: str
-    reply: Reply | None  # the reply that decided it, if a server gave one
-    detail: str
-
-    @property
-    def diagnostic(self) -> str:
-        return f"smtp; {self.reply}" if self.reply else self.detail
-
-
-@dataclass(frozen=True)
-class SendResult:
-    recipients: tuple[RecipientResult, ...]  # one per recipient, in the order given
-
-    def with_outcome(self, outcome: Outcome) -> list[RecipientResult]:
-        return [r for r in self.recipients if r.outcome is outcome]
+class StaleSession(Exception):
+    """A reused session turned out to be dead before this transaction began: nothing of it
+    reached the server, so the same recipients may go at once over a fresh connection."""
 
 
 # Sent by OpenSSL when it and the peer could not agree, or read from the peer as an alert:
@@ -158,17 +75,15 @@ _NO_ESMTP = (500, 502, 504)
 async def open_session(
     mx_name: str,
     address: str,
+    requirement: TlsRequirement,
     *,
     port: int = 25,
     ehlo_name: str,
-    security_level: SecurityLevel = "encrypt",
-    cipher_profile: CipherProfile = "ncsc-2025",
-    ca_file: str = "",
     connect_timeout: float = 30.0,
     command_timeout: float = 120.0,
-) -> Session | Failure:
-    """Connect to `address`:`port` (the MX called `mx_name`) and set up graded TLS."""
-    context = shared_client_context(security_level, ca_file)
+) -> Session | Result:
+    """Connect to `address`:`port` (the MX called `mx_name`) and set up TLS the policy accepts."""
+    context = shared_client_context()
     smtp = aiosmtplib.SMTP(
         hostname=address,
         port=port,
@@ -179,13 +94,11 @@ async def open_session(
     )
     attempt = _Attempt(smtp, mx_name, address, context)
     try:
-        result = await attempt.run(
-            security_level, cipher_profile, ca_file, connect_timeout, command_timeout
-        )
+        result = await attempt.run(requirement, connect_timeout, command_timeout)
     except BaseException:
         smtp.close()
         raise
-    if isinstance(result, Failure):
+    if isinstance(result, Result):
         smtp.close()
     return result
 
@@ -203,47 +116,65 @@ class _Attempt:
         self.context = context
         self.stage = "the connection"
 
-    def transient(self, status: str, detail: str) -> Failure:
-        return Failure(Outcome.TRANSIENT, status, f"{self.where}: {detail}")
+    def ended(
+        self,
+        kind: Kind,
+        status: str,
+        detail: str,
+        *,
+        reply: Reply | None = None,
+        insecure: Insecure | None = None,
+        tls: TlsFacts | None = None,
+    ) -> Result:
+        where = f"{self.where}: {detail}"
+        evidence = Evidence(
+            at=time.time(),
+            kind=kind,
+            mx_host=self.mx_name,
+            mx_address=self.address,
+            reply=str(reply) if reply else where,
+            tls_protocol=tls.protocol if tls else None,
+            tls_cipher=tls.cipher if tls else None,
+            cert_fingerprint=tls.certificate.sha256 if tls and tls.certificate else None,
+            cert_verified=tls.verified if tls else None,
+            policy=tls.policy if tls else None,
+            policy_detail=tls.policy_detail if tls else None,
+        )
+        diagnostic = reply.diagnostic if reply and kind is not Kind.INSECURE else where
+        return Result(kind, status, diagnostic, insecure, (evidence,))
+
+    def transient(self, status: str, detail: str) -> Result:
+        return self.ended(Kind.TRANSIENT, status, detail)
 
     def insecure(
         self, reason: Insecure, detail: str, reply: Reply | None = None, tls: TlsFacts | None = None
-    ) -> Failure:
-        where = f"{self.where}: {detail}"
-        return Failure(Outcome.PERMANENT, reason.status, where, reason, reply, tls)
+    ) -> Result:
+        return self.ended(
+            Kind.INSECURE, reason.status, detail, reply=reply, insecure=reason, tls=tls
+        )
 
-    def from_reply(self, reply: Reply) -> Failure:
-        transient = reply.outcome is Outcome.TRANSIENT
-        outcome: _FailureOutcome = Outcome.TRANSIENT if transient else Outcome.PERMANENT
-        detail = f"{self.where}: {self.stage} was answered {reply}"
-        return Failure(outcome, reply.status, detail, reply=reply)
+    def from_reply(self, reply: Reply) -> Result:
+        kind = Kind.TRANSIENT if reply.kind is Kind.TRANSIENT else Kind.PERMANENT
+        return self.ended(kind, reply.status, f"{self.stage} was answered {reply}", reply=reply)
 
-    def handshake_failure(self, exc: ssl.SSLError) -> Failure:
+    def handshake_failure(self, exc: ssl.SSLError) -> Result:
         """Classify a failed TLS handshake.
 
-        A certificate that does not verify, an alert, or "no protocol/cipher in common" is the
-        server's TLS stack answering coherently: it will answer the same next time, so the
-        destination is insecure (permanent, 5.7.5) and the bounce can say why. Garbage where a
-        handshake should be, a reset, a timeout or an internal error means the TLS conversation
-        never properly happened -- a middlebox, an overloaded or restarting server -- so we
-        retry (transient, 4.7.5) rather than bounce on a flake. Neither falls back to plaintext.
+        An alert, or "no protocol/cipher in common", is the server's TLS stack answering
+        coherently: it will answer the same next time, so the MX is insecure (5.7.5) and the
+        bounce can say why. Garbage where a handshake should be, a reset, a timeout or an
+        internal error means the TLS conversation never properly happened -- a middlebox, an
+        overloaded or restarting server -- so we retry (transient, 4.7.5) rather than bounce on
+        a flake. Neither falls back to plaintext.
         """
         reason = exc.reason or ""
-        if isinstance(exc, ssl.SSLCertVerificationError):
-            message = exc.verify_message or reason or str(exc)
-            return self.insecure(Insecure.CERTIFICATE, f"certificate not accepted: {message}")
         if reason in _NEGOTIATION_REASONS or ("ALERT" in reason and reason not in _BROKEN_ALERTS):
             return self.insecure(Insecure.HANDSHAKE, f"TLS handshake failed: {reason}")
         return self.transient("4.7.5", f"TLS handshake broke off: {reason or exc}")
 
     async def run(
-        self,
-        security_level: SecurityLevel,
-        cipher_profile: CipherProfile,
-        ca_file: str,
-        connect_timeout: float,
-        command_timeout: float,
-    ) -> Session | Failure:
+        self, requirement: TlsRequirement, connect_timeout: float, command_timeout: float
+    ) -> Session | Result:
         smtp = self.smtp
         try:
             try:
@@ -273,7 +204,9 @@ class _Attempt:
             self.stage = "STARTTLS"
             try:
                 await smtp.starttls(
-                    server_hostname=self.mx_name, tls_context=self.context, timeout=command_timeout
+                    server_hostname=requirement.sni,
+                    tls_context=self.context,
+                    timeout=command_timeout,
                 )
             except ssl.SSLError as exc:
                 return self.handshake_failure(exc)
@@ -284,22 +217,19 @@ class _Attempt:
             except aiosmtplib.SMTPResponseException as exc:
                 reply = Reply.parse(exc.code, exc.message)
                 await _quit(smtp)
-                if reply.outcome is Outcome.TRANSIENT:
+                if reply.kind is Kind.TRANSIENT:
                     return self.from_reply(reply)
                 detail = f"refused STARTTLS: {reply}"
                 return self.insecure(Insecure.STARTTLS_REFUSED, detail, reply)
             except ConnectionError as exc:
                 return self.transient("4.7.5", f"TLS handshake broke off: {exc}")
 
-            facts = await _tls_facts(smtp, self.mx_name, security_level, ca_file)
-            if security_level == "verify" and not facts.verified:
-                await _quit(smtp)
-                detail = f"certificate not accepted: {facts.verify_error}"
-                return self.insecure(Insecure.CERTIFICATE, detail, tls=facts)
-            verdict = grade(cipher_profile, facts.protocol, facts.cipher)
-            if isinstance(verdict, Refused):
+            handshake = _handshake(smtp, self.mx_name)
+            judgement = await requirement.judge(handshake)
+            facts = _facts(handshake, judgement)
+            if isinstance(judgement, Refusal):
                 await _quit(smtp)  # the only command ever sent over a refused channel
-                return self.insecure(verdict.reason, verdict.detail, tls=facts)
+                return self.insecure(judgement.reason, judgement.detail, tls=facts)
 
             self.stage = "EHLO after STARTTLS"
             try:
@@ -316,23 +246,28 @@ class _Attempt:
             return self.transient("4.5.0", f"protocol error during {self.stage}: {exc.message}")
 
 
-async def _tls_facts(
-    smtp: aiosmtplib.SMTP, mx_name: str, security_level: SecurityLevel, ca_file: str
-) -> TlsFacts:
+def _handshake(smtp: aiosmtplib.SMTP, mx_name: str) -> Handshake:
     tls = smtp.get_transport_info("ssl_object")
     assert isinstance(tls, ssl.SSLObject)
     cipher = tls.cipher()
-    chain = _peer_chain(tls)
+    chain = tuple(_peer_chain(tls))
     certificate = certificate_facts(chain[0]) if chain else None
-    if security_level == "verify":
-        # OpenSSL verified the chain, but at @SECLEVEL=0: put back the key-size and hash floor.
-        weak = weak_chain(chain)
-        protocol, suite = tls.version() or "", cipher[0] if cipher else ""
-        return TlsFacts(protocol, suite, certificate, weak is None, weak)
-    # Off the event loop: the first call parses the system trust store.
-    error = await asyncio.to_thread(verify_chain, chain, mx_name, ca_file)
+    return Handshake(mx_name, tls.version() or "", cipher[0] if cipher else "", chain, certificate)
+
+
+def _facts(handshake: Handshake, judgement: Accepted | Refusal) -> TlsFacts:
+    if isinstance(judgement, Accepted):
+        verified, error, detail = judgement.verified, judgement.verify_error, judgement.detail
+    else:
+        verified, error, detail = judgement.verified, judgement.detail, None
     return TlsFacts(
-        tls.version() or "", cipher[0] if cipher else "", certificate, error is None, error
+        handshake.protocol,
+        handshake.cipher,
+        handshake.certificate,
+        verified,
+        error,
+        judgement.policy,
+        detail,
     )
 
 
@@ -396,44 +331,63 @@ class Session:
         """QUIT and close; tolerates a peer that is already gone."""
         await _quit(self._smtp)
 
-    async def send(self, mail_from: str, rcpt_tos: list[str], data: bytes) -> SendResult:
+    def evidence(self, kind: Kind, reply: str | None) -> Evidence:
+        """This connection's facts, for a recipient whose transaction ended as `kind`."""
+        tls = self.tls
+        return Evidence(
+            at=time.time(),
+            kind=kind,
+            mx_host=self.mx_name,
+            mx_address=self.address,
+            reply=reply,
+            tls_protocol=tls.protocol,
+            tls_cipher=tls.cipher,
+            cert_fingerprint=tls.certificate.sha256 if tls.certificate else None,
+            cert_verified=tls.verified,
+            policy=tls.policy,
+            policy_detail=tls.policy_detail,
+        )
+
+    async def send(self, mail_from: str, rcpt_tos: list[str], data: bytes) -> list[Result]:
         """One transaction (MAIL FROM, RCPT TO each, DATA); one result per recipient, in order.
 
-        Not safe to call concurrently on one Session: SMTP is one transaction at a time.
+        Raises `StaleSession` when a reused session is found dead at RSET, before anything of
+        this transaction was sent. Not safe to call concurrently on one Session: SMTP is one
+        transaction at a time.
         """
-        results: dict[int, RecipientResult] = {}
+        results: dict[int, Result] = {}
 
-        def decide(i: int, outcome: Outcome, status: str, reply: Reply | None, why: str) -> None:
-            results[i] = RecipientResult(
-                rcpt_tos[i], outcome, status, reply, f"{self.where}: {why}"
-            )
+        def decide(i: int, kind: Kind, status: str, reply: Reply | None, why: str) -> None:
+            diagnostic = reply.diagnostic if reply else f"{self.where}: {why}"
+            shown = str(reply) if reply else diagnostic
+            results[i] = Result(kind, status, diagnostic, evidence=(self.evidence(kind, shown),))
 
-        def undecided(outcome: Outcome, status: str, reply: Reply | None, why: str) -> SendResult:
+        def undecided(kind: Kind, status: str, reply: Reply | None, why: str) -> list[Result]:
             for i in range(len(rcpt_tos)):
                 if i not in results:
-                    decide(i, outcome, status, reply, why)
-            return SendResult(tuple(results[i] for i in range(len(rcpt_tos))))
+                    decide(i, kind, status, reply, why)
+            return [results[i] for i in range(len(rcpt_tos))]
 
         ext = self._smtp.esmtp_extensions
         utf8 = "smtputf8" in ext
         if mail_from and not _ADDRESS.fullmatch(mail_from):
-            return undecided(Outcome.PERMANENT, "5.1.7", None, f"invalid sender {mail_from!r}")
+            return undecided(Kind.PERMANENT, "5.1.7", None, f"invalid sender {mail_from!r}")
         if not mail_from.isascii() and not utf8:
-            return undecided(Outcome.PERMANENT, "5.6.7", None, "sender needs SMTPUTF8")
+            return undecided(Kind.PERMANENT, "5.6.7", None, "sender needs SMTPUTF8")
         limit = ext.get("size", "")
         if limit.isdigit() and 0 < int(limit) < len(data):
             why = f"message of {len(data)} bytes exceeds the server's SIZE {limit}"
-            return undecided(Outcome.PERMANENT, "5.3.4", None, why)
+            return undecided(Kind.PERMANENT, "5.3.4", None, why)
         wanted = []
         for i, rcpt in enumerate(rcpt_tos):
             if not _ADDRESS.fullmatch(rcpt):
-                decide(i, Outcome.PERMANENT, "5.1.3", None, f"invalid address {rcpt!r}")
+                decide(i, Kind.PERMANENT, "5.1.3", None, f"invalid address {rcpt!r}")
             elif not rcpt.isascii() and not utf8:
-                decide(i, Outcome.PERMANENT, "5.6.7", None, "address needs SMTPUTF8")
+                decide(i, Kind.PERMANENT, "5.6.7", None, "address needs SMTPUTF8")
             else:
                 wanted.append(i)
         if not wanted:
-            return undecided(Outcome.PERMANENT, "5.1.3", None, "no deliverable recipient")
+            return undecided(Kind.PERMANENT, "5.1.3", None, "no deliverable recipient")
 
         params: list[bytes] = []
         if "size" in ext:
@@ -448,25 +402,32 @@ class Session:
         try:
             if self._transactions:
                 # Whatever the last transaction left behind (a refused DATA, a half-built
-                # envelope), the next one starts clean.
-                reply = await self._command("RSET", b"RSET")
+                # envelope), the next one starts clean. A session that fails here was already
+                # dead (the server timed us out while it was idle in the pool): nothing of this
+                # transaction left, so the caller may retry at once on a fresh connection.
+                try:
+                    reply = await self._command("RSET", b"RSET")
+                except _Lost as exc:
+                    self._smtp.close()
+                    raise StaleSession(f"{self.where}: {exc}") from exc
                 if reply.code != 250:
-                    raise _Lost(f"RSET was answered {reply}")
+                    self._smtp.close()
+                    raise StaleSession(f"{self.where}: RSET was answered {reply}")
             self._transactions += 1
             sender = b"FROM:<" + mail_from.encode() + b">"
             reply = await self._command("MAIL FROM", b"MAIL", sender, *params)
-            if reply.outcome is not Outcome.SENT:
-                return undecided(reply.outcome, reply.status, reply, f"MAIL FROM: {reply}")
+            if reply.kind is not Kind.SENT:
+                return undecided(reply.kind, reply.status, reply, f"MAIL FROM: {reply}")
             accepted = []
             for i in wanted:
                 recipient = b"TO:<" + rcpt_tos[i].encode() + b">"
                 reply = await self._command("RCPT TO", b"RCPT", recipient)
-                if reply.outcome is Outcome.SENT:
+                if reply.kind is Kind.SENT:
                     accepted.append(i)
                 else:
-                    decide(i, reply.outcome, reply.status, reply, f"RCPT TO: {reply}")
+                    decide(i, reply.kind, reply.status, reply, f"RCPT TO: {reply}")
             if not accepted:
-                return undecided(Outcome.PERMANENT, "5.0.0", None, "no recipient accepted")
+                return undecided(Kind.PERMANENT, "5.0.0", None, "no recipient accepted")
             try:
                 response = await self._smtp.data(data, timeout=self._timeout)
                 reply = Reply.parse(response.code, response.message)
@@ -478,12 +439,12 @@ class Session:
                 raise _Lost("connection lost during DATA") from exc
             except aiosmtplib.SMTPResponseException as exc:  # a malformed reply
                 raise _Lost(f"unreadable reply to DATA: {exc.message}") from exc
-            return undecided(reply.outcome, reply.status, reply, f"DATA: {reply}")
+            return undecided(reply.kind, reply.status, reply, f"DATA: {reply}")
         except _Lost as exc:
             self._smtp.close()
             # If only the reply to the final dot was lost the message may have arrived, and a
             # retry may duplicate it; that beats losing it.
-            return undecided(Outcome.TRANSIENT, "4.4.2", None, str(exc))
+            return undecided(Kind.TRANSIENT, "4.4.2", None, str(exc))
 
     async def _command(self, stage: str, *args: bytes) -> Reply:
         try:

@@ -121,7 +121,7 @@ MIGRATIONS: tuple[str, ...] = (
 )
 
 
-def connect(path: str) -> sqlite3.Connection:
+def connect(path: str, *, busy_timeout: float = 30.0) -> sqlite3.Connection:
     """Open (creating if needed) the database, migrated to the latest schema.
 
     WAL lets readers run beside the single writer; synchronous=FULL makes every COMMIT fsync the
@@ -129,12 +129,14 @@ def connect(path: str) -> sqlite3.Connection:
     """
     if path != ":memory:":
         Path(path).parent.mkdir(parents=True, exist_ok=True, mode=0o750)
-    conn = sqlite3.connect(path, isolation_level=None, check_same_thread=False, timeout=30.0)
+    conn = sqlite3.connect(
+        path, isolation_level=None, check_same_thread=False, timeout=busy_timeout
+    )
     conn.row_factory = sqlite3.Row
     conn.execute("PRAGMA journal_mode = WAL")
     conn.execute("PRAGMA synchronous = FULL")
     conn.execute("PRAGMA foreign_keys = ON")
-    conn.execute("PRAGMA busy_timeout = 30000")
+    conn.execute(f"PRAGMA busy_timeout = {int(busy_timeout * 1000)}")
     _migrate(conn)
     if path != ":memory:":
         # The queue holds message bodies: personal data, readable by the service only.

@@ -1,6 +1,6 @@
 """Every recipient's story in the events table: refusals at submission, and the log queries.
 
-Events are written by `queue.enqueue` and `queue.record_outcomes` (QUEUED, DELIVERED, SOFT-BOUNCE,
+Events are written by `queue.enqueue` and `claims.record` (QUEUED, DELIVERED, SOFT-BOUNCE,
 HARD-BOUNCE) and by the submission handler through `record_refused` (REFUSED). Like `queue`, each
 function takes a connection and runs inside the caller's transaction.
 """

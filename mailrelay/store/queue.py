@@ -1,4 +1,5 @@
-"""Queue operations on a connection: enqueue, claim due work, record outcomes, list and manage.
+"""Queue operations on a connection: enqueue, and what the operator lists and manages.
+(The delivery side's claims and results are in `claims.py`.)
 
 Each function takes a `sqlite3.Connection` and runs inside the caller's transaction: the service
 passes them to `Store.write` (group commit), the CLI calls them under `with transaction(conn)`.
@@ -13,9 +14,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Literal
 
-FinalState = Literal["sent", "bounced"]
 RecipientState = Literal["queued", "active", "deferred", "sent", "bounced"]
-Verdict = Literal["sent", "deferred", "bounced", "insecure"]
 EventName = Literal["QUEUED", "REFUSED", "DELIVERED", "SOFT-BOUNCE", "HARD-BOUNCE"]
 
 
@@ -66,7 +65,7 @@ def enqueue(
             now,
         ),
     )
-    for address in message.recipients:
+    for address in unique_recipients(message.recipients):
         domain = address.rpartition("@")[2].lower()
         conn.execute(
             "INSERT INTO recipients (message_id, address, domain, state, next_attempt_at,"
@@ -75,6 +74,16 @@ def enqueue(
         )
         add_event(conn, now, message_id, address, "QUEUED")
     return message_id
+
+
+def unique_recipients(addresses: tuple[str, ...]) -> list[str]:
+    """Each recipient once (RFC 5321 §3.3 lets a client repeat RCPT TO; the message must still
+    arrive once). Domains compare case-insensitively; local parts as given (§2.4)."""
+    seen: dict[str, str] = {}
+    for address in addresses:
+        local, at, domain = address.rpartition("@")
+        seen.setdefault(f"{local}{at}{domain.lower()}", address)
+    return list(seen.values())
 
 
 def add_event(
@@ -104,186 +113,6 @@ def add_event(
             tls_cipher,
         ),
     )
-
-
-# ---- delivery side -------------------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class ClaimedRecipient:
-    id: int
-    address: str
-    attempts: int
-
-
-@dataclass(frozen=True)
-class Job:
-    """One message for one destination domain: a single SMTP transaction's worth of work."""
-
-    message_id: str
-    sender: str
-    domain: str
-    data: bytes
-    created_at: float
-    is_bounce: bool
-    sender_domain: str | None
-    recipients: tuple[ClaimedRecipient, ...]
-
-
-def claim_due(conn: sqlite3.Connection, now: float, limit: int) -> list[Job]:
-    """Mark up to `limit` due recipients active and return them grouped by message and domain."""
-    rows = conn.execute(
-        "SELECT r.id, r.message_id, r.address, r.domain, r.attempts FROM recipients r"
-        " WHERE r.state IN ('queued', 'deferred') AND r.next_attempt_at <= ?"
-        " ORDER BY r.next_attempt_at, r.message_id LIMIT ?",
-        (now, limit),
-    ).fetchall()
-    groups: dict[tuple[str, str], list[ClaimedRecipient]] = {}
-    for row in rows:
-        groups.setdefault((row["message_id"], row["domain"]), []).append(
-            ClaimedRecipient(row["id"], row["address"], row["attempts"])
-        )
-    conn.executemany(
-        "UPDATE recipients SET state = 'active', updated_at = ? WHERE id = ?",
-        [(now, row["id"]) for row in rows],
-    )
-    jobs = []
-    for (message_id, domain), recipients in groups.items():
-        msg = conn.execute(
-            "SELECT sender, data, created_at, is_bounce, sender_domain FROM messages WHERE id = ?",
-            (message_id,),
-        ).fetchone()
-        jobs.append(
-            Job(
-                message_id=message_id,
-                sender=msg["sender"],
-                domain=domain,
-                data=bytes(msg["data"]),
-                created_at=msg["created_at"],
-                is_bounce=bool(msg["is_bounce"]),
-                sender_domain=msg["sender_domain"],
-                recipients=tuple(recipients),
-            )
-        )
-    return jobs
-
-
-def next_due(conn: sqlite3.Connection) -> float | None:
-    row = conn.execute(
-        "SELECT min(next_attempt_at) FROM recipients WHERE state IN ('queued', 'deferred')"
-    ).fetchone()
-    return None if row[0] is None else float(row[0])
-
-
-def release_active(conn: sqlite3.Connection, now: float) -> int:
-    """At start: work that was in flight when the process died is due again at once."""
-    cur = conn.execute(
-        "UPDATE recipients SET state = CASE WHEN attempts > 0 THEN 'deferred' ELSE 'queued' END,"
-        " next_attempt_at = ?, updated_at = ? WHERE state = 'active'",
-        (now, now),
-    )
-    return cur.rowcount
-
-
-def release(conn: sqlite3.Connection, recipient_ids: list[int], when: float) -> None:
-    """Return claimed recipients to the queue, due at `when`, without counting an attempt."""
-    conn.executemany(
-        "UPDATE recipients SET state = CASE WHEN attempts > 0 THEN 'deferred' ELSE 'queued' END,"
-        " next_attempt_at = ?, updated_at = ? WHERE id = ? AND state = 'active'",
-        [(when, when, rid) for rid in recipient_ids],
-    )
-
-
-@dataclass(frozen=True)
-class Attempt:
-    """What happened on one connection for one recipient: the operator's evidence."""
-
-    at: float
-    mx_host: str | None
-    mx_address: str | None
-    reply: str | None
-    tls_protocol: str | None
-    tls_cipher: str | None
-    cert_fingerprint: str | None
-    cert_verified: bool | None
-    verdict: Verdict
-
-
-@dataclass(frozen=True)
-class Outcome:
-    recipient_id: int
-    address: str
-    state: Literal["sent", "deferred", "bounced"]
-    status: str  # RFC 3463, e.g. "2.0.0", "4.4.1", "5.7.10"
-    reply: str
-    next_attempt_at: float | None
-    attempts: tuple[Attempt, ...]
-
-
-def record_outcomes(
-    conn: sqlite3.Connection, message_id: str, outcomes: list[Outcome], now: float
-) -> None:
-    for outcome in outcomes:
-        conn.execute(
-            "UPDATE recipients SET state = ?, attempts = attempts + 1, status = ?, reply = ?,"
-            " next_attempt_at = coalesce(?, next_attempt_at), updated_at = ? WHERE id = ?",
-            (
-                outcome.state,
-                outcome.status,
-                outcome.reply,
-                outcome.next_attempt_at,
-                now,
-                outcome.recipient_id,
-            ),
-        )
-        for a in outcome.attempts:
-            conn.execute(
-                "INSERT INTO attempts (at, message_id, recipient, mx_host, mx_address, reply,"
-                " tls_protocol, tls_cipher, cert_fingerprint, cert_verified, verdict)"
-                " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
-                (
-                    a.at,
-                    message_id,
-                    outcome.address,
-                    a.mx_host,
-                    a.mx_address,
-                    a.reply,
-                    a.tls_protocol,
-                    a.tls_cipher,
-                    a.cert_fingerprint,
-                    None if a.cert_verified is None else int(a.cert_verified),
-                    a.verdict,
-                ),
-            )
-        last = outcome.attempts[-1] if outcome.attempts else None
-        event: EventName = {
-            "sent": "DELIVERED",
-            "deferred": "SOFT-BOUNCE",
-            "bounced": "HARD-BOUNCE",
-        }[outcome.state]  # type: ignore[assignment]
-        add_event(
-            conn,
-            now,
-            message_id,
-            outcome.address,
-            event,
-            mx=last.mx_host if last else None,
-            reply=f"{outcome.status} {outcome.reply}",
-            tls_protocol=last.tls_protocol if last else None,
-            tls_cipher=last.tls_cipher if last else None,
-        )
-    purge_if_done(conn, message_id)
-
-
-def purge_if_done(conn: sqlite3.Connection, message_id: str) -> None:
-    """Drop the body once every recipient is final: the queue keeps no personal data it no
-    longer needs. Envelope, attempts and events stay as the delivery record."""
-    pending = conn.execute(
-        "SELECT count(*) FROM recipients WHERE message_id = ? AND state NOT IN ('sent', 'bounced')",
-        (message_id,),
-    ).fetchone()[0]
-    if pending == 0:
-        conn.execute("UPDATE messages SET data = NULL WHERE id = ?", (message_id,))
 
 
 # ---- operator side -------------------------------------------------------------------------
@@ -347,7 +176,7 @@ def show(conn: sqlite3.Connection, message_id: str) -> dict[str, object] | None:
             }
             for a in conn.execute(
                 "SELECT at, mx_host, mx_address, reply, tls_protocol, tls_cipher,"
-                " cert_fingerprint, cert_verified, verdict FROM attempts"
+                " cert_fingerprint, cert_verified, policy, policy_detail, verdict FROM attempts"
                 " WHERE message_id = ? AND recipient = ? ORDER BY id",
                 (msg["id"], r["address"]),
             )

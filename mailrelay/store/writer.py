@@ -27,7 +27,7 @@ MAX_GROUP = 512
 
 
 @dataclass
-class _Job:
+class _Operation:
     op: Callable[[sqlite3.Connection], Any]
     future: asyncio.Future[Any]
     loop: asyncio.AbstractEventLoop
@@ -40,9 +40,11 @@ class StoreClosed(RuntimeError):
 class Store:
     """Async front of the database: `write` is group-committed, `read` runs off the event loop."""
 
-    def __init__(self, path: str) -> None:
+    def __init__(self, path: str, *, busy_timeout: float = 30.0) -> None:
         self.path = path
-        self._jobs: queue.SimpleQueue[_Job | None] = queue.SimpleQueue()
+        # How long a commit waits for a lock another process holds before it fails.
+        self.busy_timeout = busy_timeout
+        self._jobs: queue.SimpleQueue[_Operation | None] = queue.SimpleQueue()
         self._thread: threading.Thread | None = None
         self._reader: sqlite3.Connection | None = None
         self._read_lock = threading.Lock()
@@ -51,8 +53,8 @@ class Store:
 
     async def start(self) -> None:
         # Open (and migrate) synchronously so that a broken database fails the start, not later.
-        writer = connect(self.path)
-        self._reader = connect(self.path)
+        writer = connect(self.path, busy_timeout=self.busy_timeout)
+        self._reader = connect(self.path, busy_timeout=self.busy_timeout)
         self._thread = threading.Thread(
             target=self._run, args=(writer,), name="mailrelay-store-writer", daemon=True
         )
@@ -76,7 +78,7 @@ class Store:
             raise StoreClosed("the store is closed")
         loop = asyncio.get_running_loop()
         future: asyncio.Future[T] = loop.create_future()
-        self._jobs.put(_Job(op, future, loop))
+        self._jobs.put(_Operation(op, future, loop))
         return await future
 
     async def read(self, op: Callable[[sqlite3.Connection], T]) -> T:
@@ -114,8 +116,8 @@ class Store:
         finally:
             conn.close()
 
-    def _commit(self, conn: sqlite3.Connection, group: list[_Job]) -> None:
-        outcomes: list[tuple[_Job, Any, BaseException | None]] = []
+    def _commit(self, conn: sqlite3.Connection, group: list[_Operation]) -> None:
+        outcomes: list[tuple[_Operation, Any, BaseException | None]] = []
         try:
             conn.execute("BEGIN IMMEDIATE")
             for job in group:

@@ -1,4 +1,5 @@
-"""TLS policy for delivery: cipher profiles as data, grading, the client context, certificate facts.
+"""Cipher profiles for delivery as data, grading a negotiated session against one, and the
+client context every delivery handshake uses.
 
 Grading is pure: it takes the two strings Python's `ssl` reports after a handshake
 (`SSLObject.version()`, e.g. "TLSv1.2", and `SSLObject.cipher()[0]`, an OpenSSL suite name such
@@ -30,37 +31,10 @@ import ssl
 import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass
-from enum import StrEnum
 from typing import Literal
 
-from mailrelay.config import CipherProfile, SecurityLevel
-from mailrelay.delivery.certificates import mtime as _mtime
-
-
-class Insecure(StrEnum):
-    """Why a destination was refused as insecure; the value is the metrics label."""
-
-    NO_STARTTLS = "no_starttls"
-    STARTTLS_REFUSED = "starttls_refused"
-    CERTIFICATE = "certificate"
-    HANDSHAKE = "handshake"
-    PROTOCOL = "protocol"
-    CIPHER = "cipher"
-
-    @property
-    def status(self) -> str:
-        """The RFC 3463 enhanced status code a bounce for this reason carries."""
-        return _INSECURE_STATUS[self]
-
-
-_INSECURE_STATUS = {
-    Insecure.NO_STARTTLS: "5.7.4",
-    Insecure.STARTTLS_REFUSED: "5.7.4",
-    Insecure.CERTIFICATE: "5.7.5",
-    Insecure.HANDSHAKE: "5.7.5",
-    Insecure.PROTOCOL: "5.7.10",
-    Insecure.CIPHER: "5.7.10",
-}
+from mailrelay.config import CipherProfile
+from mailrelay.delivery.result import Insecure
 
 
 @dataclass(frozen=True)
@@ -75,7 +49,7 @@ class Refused:
     detail: str  # e.g. "negotiated TLSv1.0", "cipher AES128-GCM-SHA256 uses RSA key exchange"
 
 
-Verdict = Acceptable | Refused
+Grade = Acceptable | Refused
 
 
 @dataclass(frozen=True)
@@ -233,7 +207,7 @@ def _bulk_and_mode(tokens: list[str]) -> tuple[str, str]:
     return "unknown", "unknown"
 
 
-def grade(profile: CipherProfile | Profile, protocol: str | None, cipher: str | None) -> Verdict:
+def grade(profile: CipherProfile | Profile, protocol: str | None, cipher: str | None) -> Grade:
     """Judge a negotiated protocol and cipher suite against a profile."""
     policy = profile if isinstance(profile, Profile) else PROFILES[profile]
     if protocol is None or cipher is None:
@@ -314,22 +288,22 @@ _CIPHERS = (
 )
 
 
-def client_context(security_level: SecurityLevel, ca_file: str = "") -> ssl.SSLContext:
-    """An SSLContext for delivery that negotiates anything and verifies only under "verify".
+def client_context() -> ssl.SSLContext:
+    """The SSLContext for every delivery handshake: it negotiates anything and verifies nothing.
 
-    Why permissive is safe: the handshake only establishes what the server offers; grading
-    happens right after it and before MAIL FROM, so nothing (not even the envelope) is sent over
-    a connection the profile refuses -- only QUIT. An active attacker cannot use our
-    permissiveness to downgrade a good server: a TLS 1.3 server puts a downgrade sentinel into
+    Why permissive is safe: the handshake only establishes what the server offers; the transport
+    policy judges the session right after it and before MAIL FROM -- protocol and cipher against
+    the profile, the certificate chain against "verify", DANE or MTA-STS -- so nothing (not even
+    the envelope) is sent over a connection the policy refuses, only QUIT. OpenSSL still checks
+    that the server holds the key of the certificate it sent (CertificateVerify in TLS 1.3, the
+    signed key exchange in TLS 1.2), so judging that certificate afterwards is as sound as judging
+    it during the handshake, and one context serves every policy. An active attacker cannot use
+    our permissiveness to downgrade a good server: a TLS 1.3 server puts a downgrade sentinel into
     ServerHello.random when it negotiates 1.2 or lower, and OpenSSL (which offers 1.3) aborts on
     seeing it (RFC 8446 4.1.3); in TLS 1.2 the Finished messages authenticate the whole
     transcript. An attacker who can break a weak suite (FREAK, Logjam) ends up with a weak
     negotiated result, which grading refuses. Refusing at the handshake instead (a strict
     context) would give an opaque alert where we want to say "the server offered TLSv1.0".
-
-    Caveat: @SECLEVEL=0 also relaxes OpenSSL's key-size and signature-hash checks on the
-    certificate chain under "verify" (1024-bit RSA or SHA-1 signatures would pass); the session
-    puts that floor back after the handshake with `certificates.weak_chain`.
     """
     context = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
     with warnings.catch_warnings():
@@ -337,24 +311,12 @@ def client_context(security_level: SecurityLevel, ca_file: str = "") -> ssl.SSLC
         warnings.simplefilter("ignore", DeprecationWarning)
         context.minimum_version = ssl.TLSVersion.TLSv1
     context.set_ciphers(_CIPHERS)
-    if security_level == "verify":
-        context.check_hostname = True
-        context.verify_mode = ssl.CERT_REQUIRED
-        context.load_default_certs(ssl.Purpose.SERVER_AUTH)
-        if ca_file:
-            context.load_verify_locations(cafile=ca_file)
-    else:
-        context.check_hostname = False
-        context.verify_mode = ssl.CERT_NONE
+    context.check_hostname = False
+    context.verify_mode = ssl.CERT_NONE
     return context
 
 
-def shared_client_context(security_level: SecurityLevel, ca_file: str = "") -> ssl.SSLContext:
-    """`client_context`, built once per policy and trust-anchor file version and then reused."""
-    return _cached_context(security_level, ca_file, _mtime(ca_file))
-
-
-@functools.lru_cache(maxsize=8)
-def _cached_context(security_level: SecurityLevel, ca_file: str, _mtime_ns: int) -> ssl.SSLContext:
-    # Loading the system trust store costs milliseconds; a context is safe to share.
-    return client_context(security_level, ca_file)
+@functools.cache
+def shared_client_context() -> ssl.SSLContext:
+    """`client_context`, built once: a context is safe to share between connections."""
+    return client_context()

@@ -1,0 +1,199 @@
+"""The transport policy: for a destination domain, which MX hosts are acceptable, what a TLS
+session to each must show before MAIL FROM, and under which key a session may be reused.
+
+The session asks; it does not know the rules. Each standard is a small object behind one
+Protocol (`Rule`, in the spirit of maddy's `mxauth` checks): it prepares the domain (its lookups
+start together), then looks at every MX host and may raise what that host's TLS must show, or
+refuse the host. What they leave is a `Route` per MX address, whose `TlsRequirement` judges the
+finished handshake. Today's rules are the local ones (`encrypt` / `verify`, the cipher profile,
+`ca_file`, `[delivery.domains."…"]`); DANE and MTA-STS are further rules, not session code.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Sequence
+from dataclasses import dataclass, replace
+from typing import Protocol
+
+from mailrelay.config import CipherProfile, Config, InsecureAction
+from mailrelay.delivery import ciphers
+from mailrelay.delivery.certificates import CertificateFacts, verify_chain, weak_chain
+from mailrelay.delivery.mx import MxFailure, MxHost, MxResolver
+from mailrelay.delivery.result import Insecure, Kind, Result
+
+
+@dataclass(frozen=True)
+class Handshake:
+    """What a finished TLS handshake showed, before anything judged it."""
+
+    mx_host: str
+    protocol: str  # "TLSv1.3", as ssl reports it
+    cipher: str  # OpenSSL suite name
+    chain: tuple[bytes, ...]  # DER, leaf first, as the server sent it
+    certificate: CertificateFacts | None  # the leaf's; None if the server sent none
+
+
+@dataclass(frozen=True)
+class Accepted:
+    """The session may carry mail; how it was authenticated goes into the evidence."""
+
+    policy: str  # "encrypt", "verify", ...: the label `queue show` and the metrics use
+    verified: bool | None  # whether the chain reaches a trusted root for the MX name
+    verify_error: str | None = None
+    detail: str | None = None  # e.g. the record that matched
+
+
+@dataclass(frozen=True)
+class Refusal:
+    """The session must not carry mail: only QUIT is sent over it."""
+
+    reason: Insecure
+    detail: str  # "negotiated TLSv1.0", "certificate not accepted: ..."
+    policy: str
+    verified: bool | None = None
+
+
+Judgement = Accepted | Refusal
+
+
+class Authentication(Protocol):
+    """How a server's certificate must be authenticated. Implementations are frozen and
+    hashable: they are part of the key under which a session is pooled."""
+
+    @property
+    def label(self) -> str: ...
+
+    async def judge(self, handshake: Handshake) -> Judgement: ...
+
+
+@dataclass(frozen=True)
+class Encrypt:
+    """Any certificate (Postfix's `encrypt`): encryption against passive eavesdropping. Whether
+    the chain would have verified is still recorded as evidence."""
+
+    ca_file: str = ""
+    label: str = "encrypt"
+
+    async def judge(self, handshake: Handshake) -> Judgement:
+        # Off the event loop: the first verification parses the system trust store.
+        error = await asyncio.to_thread(
+            verify_chain, handshake.chain, handshake.mx_host, self.ca_file
+        )
+        return Accepted(self.label, error is None, error)
+
+
+@dataclass(frozen=True)
+class WebPki:
+    """A chain to a trusted root (system store plus `ca_file`) naming one of `names`, with the
+    key-size and signature floor of OpenSSL's security level 2."""
+
+    names: tuple[str, ...]
+    ca_file: str = ""
+    label: str = "verify"
+
+    async def judge(self, handshake: Handshake) -> Judgement:
+        errors = []
+        for name in self.names:
+            error = await asyncio.to_thread(verify_chain, handshake.chain, name, self.ca_file)
+            if error is None:
+                weak = weak_chain(handshake.chain)
+                if weak is None:
+                    return Accepted(self.label, True)
+                error = weak
+            errors.append(error)
+        why = errors[0] if errors else "no name to verify against"
+        detail = f"certificate not accepted: {why}"
+        return Refusal(Insecure.CERTIFICATE, detail, self.label, verified=False)
+
+
+@dataclass(frozen=True)
+class TlsRequirement:
+    """What one TLS session must satisfy before it may carry mail. Hashable: sessions are
+    reused only under an equal requirement, so one graded under `encrypt` never carries mail
+    for a destination that asks for more."""
+
+    profile: CipherProfile
+    authentication: Authentication
+    sni: str | None  # the server name sent in the handshake
+
+    async def judge(self, handshake: Handshake) -> Judgement:
+        # The certificate first: where both fail, a forged or wrong certificate is what the
+        # operator must hear about, not the cipher the forger chose.
+        judgement = await self.authentication.judge(handshake)
+        if isinstance(judgement, Refusal):
+            return judgement
+        grade = ciphers.grade(self.profile, handshake.protocol, handshake.cipher)
+        if isinstance(grade, ciphers.Refused):
+            return Refusal(grade.reason, grade.detail, judgement.policy, judgement.verified)
+        return judgement
+
+
+@dataclass(frozen=True)
+class Route:
+    """One MX host as the policy sees it: what its sessions must show, or why it is refused
+    before any connection (a refusal is a `Result` for every recipient routed there)."""
+
+    host: MxHost
+    tls: TlsRequirement
+    refusal: Result | None = None
+
+
+class Rule(Protocol):
+    """One standard's say over a destination. `prepare` runs the domain's lookups (every
+    rule's at once); `route` may raise a host's requirement or refuse the host."""
+
+    async def prepare(self, domain: str, hosts: Sequence[MxHost]) -> DomainRule: ...
+
+
+class DomainRule(Protocol):
+    def route(self, route: Route) -> Route: ...
+
+
+@dataclass(frozen=True)
+class Destination:
+    domain: str
+    routes: tuple[Route, ...]  # in the order to try them
+    insecure_action: InsecureAction
+
+
+class TransportPolicy:
+    """Builds the `Destination` for a domain from the local configuration and each `Rule`."""
+
+    def __init__(self, config: Config, resolver: MxResolver, rules: Sequence[Rule] = ()) -> None:
+        self.config = config
+        self.resolver = resolver
+        self.rules = tuple(rules)
+
+    def local(self, domain: str, host: MxHost) -> TlsRequirement:
+        """What `[delivery]` and its per-domain overrides ask of `host`, before other rules."""
+        d = self.config.delivery
+        authentication: Authentication
+        if d.security_level_for(domain) == "verify":
+            authentication = WebPki((host.name,), d.ca_file)
+        else:
+            authentication = Encrypt(d.ca_file)
+        return TlsRequirement(d.cipher_profile_for(domain), authentication, host.name)
+
+    async def destination(self, domain: str) -> Destination | Result:
+        """The routes for `domain`, or why there are none (DNS: transient or permanent)."""
+        hosts = await self.resolver.resolve_mx(domain)
+        if isinstance(hosts, MxFailure):
+            kind = Kind.PERMANENT if hosts.permanent else Kind.TRANSIENT
+            return Result(kind, hosts.status, hosts.detail)
+        prepared = await asyncio.gather(*(rule.prepare(domain, hosts) for rule in self.rules))
+        routes = []
+        for host in hosts:
+            route = Route(host, self.local(domain, host))
+            for rule in prepared:
+                if route.refusal is None:
+                    route = rule.route(route)
+            routes.append(route)
+        action = self.config.delivery.insecure_action_for(domain)
+        return Destination(domain, tuple(routes), action)
+
+
+def raised(route: Route, authentication: Authentication, sni: str | None = None) -> Route:
+    """`route` with its certificate check replaced by a stronger one."""
+    tls = replace(route.tls, authentication=authentication, sni=sni or route.tls.sni)
+    return replace(route, tls=tls)

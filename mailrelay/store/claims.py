@@ -1,0 +1,191 @@
+"""The delivery side of the queue: claim due recipients, record what became of them, and put
+back what a stopped process left claimed.
+
+A claim counts the attempt and stamps `claimed_at` in the same transaction that marks the
+recipients active; recording the result clears the stamp. A recipient that is found active
+at start was therefore being delivered when the process died: its attempt is already counted
+(so a crash loop still ages the message towards expiry) and the stamp says it was interrupted.
+Functions take a `sqlite3.Connection` and run inside the caller's transaction (`Store.write`).
+"""
+
+from __future__ import annotations
+
+import sqlite3
+from dataclasses import dataclass
+from typing import Literal
+
+from mailrelay.delivery.result import Evidence
+from mailrelay.store.queue import EventName, add_event
+
+AttemptState = Literal["sent", "deferred", "bounced"]  # a recipient's state after an attempt
+
+
+@dataclass(frozen=True)
+class ClaimedRecipient:
+    id: int
+    address: str
+    attempts: int  # including the attempt this claim starts
+    interrupted: bool  # the previous attempt was claimed and never recorded
+    last_diagnostic: str | None  # what the previous recorded attempt ended with
+
+
+@dataclass(frozen=True)
+class Job:
+    """One message for one destination domain: a single SMTP transaction's worth of work."""
+
+    message_id: str
+    sender: str
+    domain: str
+    data: bytes
+    created_at: float
+    is_bounce: bool
+    sender_domain: str | None
+    recipients: tuple[ClaimedRecipient, ...]
+
+
+def claim_due(conn: sqlite3.Connection, now: float, limit: int) -> list[Job]:
+    """Claim up to `limit` jobs (not recipient rows: a message with 100 recipients at one
+    domain is one job, claimed whole in this one transaction), the longest-due first."""
+    groups = conn.execute(
+        "SELECT message_id, domain, min(next_attempt_at) AS due FROM recipients"
+        " WHERE state IN ('queued', 'deferred') AND next_attempt_at <= ?"
+        " GROUP BY message_id, domain ORDER BY due, message_id LIMIT ?",
+        (now, limit),
+    ).fetchall()
+    jobs = []
+    for group in groups:
+        rows = conn.execute(
+            "SELECT id, address, attempts, claimed_at, reply FROM recipients"
+            " WHERE message_id = ? AND domain = ? AND state IN ('queued', 'deferred')"
+            " AND next_attempt_at <= ? ORDER BY id",
+            (group["message_id"], group["domain"], now),
+        ).fetchall()
+        conn.executemany(
+            "UPDATE recipients SET state = 'active', attempts = attempts + 1, claimed_at = ?,"
+            " updated_at = ? WHERE id = ?",
+            [(now, now, row["id"]) for row in rows],
+        )
+        msg = conn.execute(
+            "SELECT sender, data, created_at, is_bounce, sender_domain FROM messages WHERE id = ?",
+            (group["message_id"],),
+        ).fetchone()
+        recipients = tuple(
+            ClaimedRecipient(
+                row["id"],
+                row["address"],
+                row["attempts"] + 1,
+                row["claimed_at"] is not None,
+                row["reply"],
+            )
+            for row in rows
+        )
+        jobs.append(
+            Job(
+                message_id=group["message_id"],
+                sender=msg["sender"],
+                domain=group["domain"],
+                data=bytes(msg["data"]),
+                created_at=msg["created_at"],
+                is_bounce=bool(msg["is_bounce"]),
+                sender_domain=msg["sender_domain"],
+                recipients=recipients,
+            )
+        )
+    return jobs
+
+
+def release_interrupted(conn: sqlite3.Connection, now: float) -> int:
+    """At start: what was in flight when the process stopped is due again at once. The attempt
+    stays counted and `claimed_at` stays set, so the next claim knows it was interrupted."""
+    cur = conn.execute(
+        "UPDATE recipients SET state = 'deferred', next_attempt_at = ?, updated_at = ?"
+        " WHERE state = 'active'",
+        (now, now),
+    )
+    return cur.rowcount
+
+
+@dataclass(frozen=True)
+class RecipientUpdate:
+    """What the queue runner decided for one claimed recipient after an attempt."""
+
+    recipient_id: int
+    address: str
+    state: AttemptState
+    status: str  # RFC 3463
+    diagnostic: str
+    next_attempt_at: float | None  # set when deferred
+    evidence: tuple[Evidence, ...]
+
+
+_EVENT: dict[str, EventName] = {
+    "sent": "DELIVERED",
+    "deferred": "SOFT-BOUNCE",
+    "bounced": "HARD-BOUNCE",
+}
+
+
+def record(
+    conn: sqlite3.Connection, message_id: str, updates: list[RecipientUpdate], now: float
+) -> None:
+    """Record the runner's decisions and their evidence; drop the body once all are final."""
+    for u in updates:
+        conn.execute(
+            "UPDATE recipients SET state = ?, status = ?, reply = ?, claimed_at = NULL,"
+            " next_attempt_at = coalesce(?, next_attempt_at), updated_at = ? WHERE id = ?",
+            (u.state, u.status, u.diagnostic, u.next_attempt_at, now, u.recipient_id),
+        )
+        conn.executemany(
+            "INSERT INTO attempts (at, message_id, recipient, mx_host, mx_address, reply,"
+            " tls_protocol, tls_cipher, cert_fingerprint, cert_verified, policy, policy_detail,"
+            " verdict) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+            [
+                (
+                    e.at,
+                    message_id,
+                    u.address,
+                    e.mx_host,
+                    e.mx_address,
+                    e.reply,
+                    e.tls_protocol,
+                    e.tls_cipher,
+                    e.cert_fingerprint,
+                    None if e.cert_verified is None else int(e.cert_verified),
+                    e.policy,
+                    e.policy_detail,
+                    e.kind.value,
+                )
+                for e in u.evidence
+            ],
+        )
+        last = u.evidence[-1] if u.evidence else None
+        add_event(
+            conn,
+            now,
+            message_id,
+            u.address,
+            _EVENT[u.state],
+            mx=last.mx_host if last else None,
+            reply=f"{u.status} {u.diagnostic}",
+            tls_protocol=last.tls_protocol if last else None,
+            tls_cipher=last.tls_cipher if last else None,
+        )
+    purge_if_done(conn, message_id)
+
+
+def purge_if_done(conn: sqlite3.Connection, message_id: str) -> None:
+    """Drop the body once every recipient is final: the queue keeps no personal data it no
+    longer needs. Envelope, attempts and events stay as the delivery record."""
+    pending = conn.execute(
+        "SELECT count(*) FROM recipients WHERE message_id = ? AND state NOT IN ('sent', 'bounced')",
+        (message_id,),
+    ).fetchone()[0]
+    if pending == 0:
+        conn.execute("UPDATE messages SET data = NULL WHERE id = ?", (message_id,))
+
+
+def next_due(conn: sqlite3.Connection) -> float | None:
+    row = conn.execute(
+        "SELECT min(next_attempt_at) FROM recipients WHERE state IN ('queued', 'deferred')"
+    ).fetchone()
+    return None if row[0] is None else float(row[0])
