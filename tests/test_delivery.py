@@ -270,6 +270,27 @@ async def test_connection_reused_for_the_next_message(
     )
 
 
+async def test_stale_pooled_session_is_replaced_at_once(
+    tmp_path: Path, relay_factory: RelayFactory, world: World
+) -> None:
+    good = await world.add_mx("tls13.example", MODERN)
+    relay = await start_relay(tmp_path, relay_factory, world)
+    first = await asyncio.to_thread(submit, relay, ["user1@tls13.example"])
+    await settled(relay, first, lambda r: r["state"] == "sent")
+    # The MX timed the idle session out; the relay finds out only at its next RSET.
+    good.behaviour = dataclasses.replace(MODERN, rset_reply="421 4.4.2 Idle timeout, closing")
+    second = await asyncio.to_thread(submit, relay, ["user2@tls13.example"])
+    msg = await settled(relay, second, lambda r: r["state"] != "queued" and r["state"] != "active")
+    [r] = msg["recipients"]
+    assert (r["state"], r["status"], r["attempts"]) == ("sent", "2.0.0", 1)
+    assert [e["event"] for e in r["events"]] == ["QUEUED", "DELIVERED"]
+    assert [m.rcpt_tos for m in good.messages] == [
+        ("user1@tls13.example",),
+        ("user2@tls13.example",),
+    ]
+    assert len(good.connections) == 2  # the stale one, then a fresh one at once
+
+
 async def test_restart_mid_queue_then_retry(
     tmp_path: Path, relay_factory: RelayFactory, world: World
 ) -> None:

@@ -13,20 +13,19 @@ import pytest
 
 from mailrelay import logs
 from mailrelay.config import LogConfig
+from mailrelay.delivery.runner import DELIVERY_LINE
 from mailrelay.logs import JsonFormatter, KeyValueFormatter
 
 TS = re.compile(r"^\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{3}Z$")
-# The scheduler's delivery line, with the arguments it passes.
-DELIVERY = (
-    "event=delivery queue_id=%s domain=%s mx=%s tls=%s cipher=%s status=%s dsn=%s"
-    " delay=%.1f attempts=%d reply=%r%s"
-)
+# The queue runner's delivery line, with the arguments it passes.
+DELIVERY = DELIVERY_LINE
 DELIVERY_ARGS = (
     "3F2A9C0D11E4B765",
     "example.net",
     "mx1.example.net[192.0.2.25]",
     "TLSv1.3",
     "TLS_AES_256_GCM_SHA384",
+    "encrypt",
     "sent",
     "2.0.0",
     1.25,
@@ -59,6 +58,7 @@ def test_delivery_line_as_json_has_every_field() -> None:
         "mx": "mx1.example.net[192.0.2.25]",
         "tls": "TLSv1.3",
         "cipher": "TLS_AES_256_GCM_SHA384",
+        "policy": "encrypt",
         "status": "sent",
         "dsn": "2.0.0",
         "delay": "1.2",
@@ -74,8 +74,8 @@ def test_delivery_line_as_key_value() -> None:
     assert TS.match(ts.removeprefix("ts="))
     assert rest == (
         "level=info event=delivery queue_id=3F2A9C0D11E4B765 domain=example.net"
-        " mx=mx1.example.net[192.0.2.25] tls=TLSv1.3 cipher=TLS_AES_256_GCM_SHA384 status=sent"
-        " dsn=2.0.0 delay=1.2 attempts=1 reply='smtp; 250 2.0.0 Ok: queued as 4XyZ'"
+        " mx=mx1.example.net[192.0.2.25] tls=TLSv1.3 cipher=TLS_AES_256_GCM_SHA384 policy=encrypt"
+        " status=sent dsn=2.0.0 delay=1.2 attempts=1 reply='smtp; 250 2.0.0 Ok: queued as 4XyZ'"
     )
 
 

@@ -36,6 +36,11 @@ POLL_SECONDS = 1.0
 # A failed record is retried with a delay doubling from the first value to the cap.
 RECORD_RETRY_FIRST = 0.1
 RECORD_RETRY_MAX = 5.0
+# One line per recipient and attempt; docs/operating.md describes each field.
+DELIVERY_LINE = (
+    "event=delivery queue_id=%s domain=%s mx=%s tls=%s cipher=%s policy=%s"
+    " status=%s dsn=%s delay=%.1f attempts=%d reply=%r%s"
+)
 
 
 class QueueRunner:
@@ -270,8 +275,7 @@ class QueueRunner:
             # Postfix's status= line, minus the address: the journal is kept and shipped with
             # less care than the database, so it names the domain; `mailrelay log` the address.
             log.info(
-                "event=delivery queue_id=%s domain=%s mx=%s tls=%s cipher=%s policy=%s"
-                " status=%s dsn=%s delay=%.1f attempts=%d reply=%r%s",
+                DELIVERY_LINE,
                 job.message_id,
                 job.domain,
                 f"{last.mx_host}[{last.mx_address}]" if last and last.mx_host else "none",
