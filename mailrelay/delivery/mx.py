@@ -1,4 +1,5 @@
-"""MX resolution: the hosts to try for a recipient domain, best first, or why there are none."""
+"""MX resolution: the hosts to try for a recipient domain, best first, or why there are none,
+with the DNSSEC status of each answer that DANE (RFC 7672 §2.2) needs."""
 
 from __future__ import annotations
 
@@ -20,7 +21,7 @@ import dns.rdatatype
 import dns.rdtypes.ANY.MX
 import dns.resolver
 
-from mailrelay.resolver import make_resolver
+from mailrelay.resolver import authenticated, make_resolver
 
 DEFAULT_TIMEOUT = 5.0
 # Used when a negative answer carries no SOA to take a negative TTL from (RFC 2308 §5).
@@ -29,11 +30,22 @@ _NEGATIVE_TTL_WITHOUT_SOA = 60
 
 @dataclass(frozen=True)
 class MxHost:
-    """One host to deliver to; `addresses` are IPv4 then IPv6, in the order DNS gave them."""
+    """One host to deliver to; `addresses` are IPv4 then IPv6, in the order DNS gave them.
+
+    DNSSEC status comes from the AD flag of the configured validating resolver:
+    `dnssec`: the MX RRset that named this host and the host's address records were all
+    validated; for an implicit MX (the domain has no MX records), its address records alone.
+    `mx_dnssec`: the MX answer was validated, whatever the address records were.
+    `expanded_name`: where `name` is an alias, the name its CNAME chain ends at, which is the
+    first place to look for TLSA records (RFC 7672 §2.2.3); None where `name` is no alias.
+    """
 
     name: str  # A-label form, without the final dot
     preference: int
     addresses: tuple[str, ...]
+    dnssec: bool = False
+    mx_dnssec: bool = False
+    expanded_name: str | None = None  # lowercase A-labels, without the final dot
 
 
 @dataclass(frozen=True)
@@ -78,11 +90,14 @@ MxResult = list[MxHost] | NullMx | NoSuchDomain | TemporaryDnsFailure
 class _Records:
     rdatas: tuple[dns.rdata.Rdata, ...]  # empty: the name exists without this type (NODATA)
     ttl: int
+    secure: bool  # the resolver set AD: every RRset in the answer, CNAMEs included, validated
+    canonical: dns.name.Name  # the name at the end of any CNAME chain
 
 
 @dataclass(frozen=True)
 class _NxDomain:
     ttl: int
+    secure: bool
 
 
 @dataclass(frozen=True)
@@ -91,6 +106,19 @@ class _Trouble:
 
 
 _Lookup = _Records | _NxDomain | _Trouble
+
+
+@dataclass(frozen=True)
+class _Addresses:
+    """One host's A and AAAA answers taken together."""
+
+    addresses: tuple[str, ...]  # IPv4 then IPv6
+    ttl: float  # the shortest seen
+    trouble: str | None  # a lookup that failed
+    secure: bool
+    canonical: dns.name.Name
+
+
 # Hosts sorted by preference only; shuffling among equals happens on every answer, cached or not.
 _Outcome = tuple[MxHost, ...] | NullMx | NoSuchDomain | TemporaryDnsFailure
 
@@ -186,7 +214,8 @@ class MxResolver:
             return NoSuchDomain(domain, f"{domain}: no such domain (NXDOMAIN)"), mx.ttl
         if isinstance(mx, _Trouble):
             return TemporaryDnsFailure(domain, f"MX lookup for {domain}: {mx.detail}"), 0
-        if not mx.rdatas:
+        implicit = not mx.rdatas
+        if implicit:
             # RFC 5321 §5.1: no MX records means the domain itself is the only host (implicit MX).
             targets = [(0, name)]
         else:
@@ -202,16 +231,22 @@ class MxResolver:
         hosts: list[MxHost] = []
         ttl = float(mx.ttl)
         troubles: list[str] = []
-        for (preference, target), (addresses, host_ttl, trouble) in zip(
-            targets, found, strict=True
-        ):
-            ttl = min(ttl, host_ttl)
-            if trouble is not None:
-                troubles.append(trouble)
+        for (preference, target), host in zip(targets, found, strict=True):
+            ttl = min(ttl, host.ttl)
+            if host.trouble is not None:
+                troubles.append(host.trouble)
                 ttl = min(ttl, self._failure_ttl)
-            if addresses:
+            if host.addresses:
                 hosts.append(
-                    MxHost(target.to_text(omit_final_dot=True).lower(), preference, addresses)
+                    MxHost(
+                        _text(target),
+                        preference,
+                        host.addresses,
+                        # RFC 7672 §2.2.2: without MX records only the address records count.
+                        dnssec=host.secure and (mx.secure or implicit),
+                        mx_dnssec=mx.secure,
+                        expanded_name=_text(host.canonical) if host.canonical != target else None,
+                    )
                 )
         if hosts:
             return tuple(hosts), ttl
@@ -224,22 +259,30 @@ class MxResolver:
             domain, f"no address for any MX host of {domain} ({names}): {why}"
         ), ttl
 
-    async def _addresses(self, host: dns.name.Name) -> tuple[tuple[str, ...], float, str | None]:
-        """(addresses, ttl, trouble): IPv4 then IPv6, the shortest TTL seen, any failure."""
+    async def _addresses(self, host: dns.name.Name) -> _Addresses:
         a, aaaa = await asyncio.gather(self._lookup(host, "A"), self._lookup(host, "AAAA"))
         addresses: list[str] = []
         ttl = float("inf")
         trouble: str | None = None
+        canonical: dns.name.Name | None = None
+        # Secure when every answer the addresses (or their absence) came from was validated; a
+        # failed lookup contributes no address, so it does not count against the others.
+        answered: list[bool] = []
         for rdtype, outcome in (("A", a), ("AAAA", aaaa)):
             match outcome:
-                case _Records(rdatas, rr_ttl):
+                case _Records(rdatas, rr_ttl, secure, rr_canonical):
                     addresses.extend(rd.to_text() for rd in rdatas)
                     ttl = min(ttl, rr_ttl)
-                case _NxDomain(nx_ttl):
+                    answered.append(secure)
+                    if canonical is None:
+                        canonical = rr_canonical
+                case _NxDomain(nx_ttl, secure):
                     ttl = min(ttl, nx_ttl)
+                    answered.append(secure)
                 case _Trouble(detail):
                     trouble = f"{rdtype} lookup for {host.to_text(omit_final_dot=True)}: {detail}"
-        return tuple(addresses), ttl, trouble
+        secure = bool(answered) and all(answered)
+        return _Addresses(tuple(addresses), ttl, trouble, secure, canonical or host)
 
     async def _lookup(self, name: dns.name.Name, rdtype: str) -> _Lookup:
         try:
@@ -248,7 +291,8 @@ class MxResolver:
             )
         except dns.resolver.NXDOMAIN as e:
             responses: dict[dns.name.Name, dns.message.Message] = e.kwargs.get("responses", {})
-            return _NxDomain(_negative_ttl(next(iter(responses.values()), None)))
+            response = next(iter(responses.values()), None)
+            return _NxDomain(_negative_ttl(response), authenticated(response))
         except dns.exception.Timeout:
             return _Trouble(f"timed out after {self._timeout:g} s")
         except dns.resolver.NoNameservers as e:
@@ -257,4 +301,13 @@ class MxResolver:
             return _Trouble(f"{type(e).__name__}: {e}")
         # For NODATA the minimum TTL is the negative TTL from the SOA, as for NXDOMAIN.
         ttl = int(answer.chaining_result.minimum_ttl)
-        return _Records(tuple(answer.rrset) if answer.rrset is not None else (), ttl)
+        return _Records(
+            tuple(answer.rrset) if answer.rrset is not None else (),
+            ttl,
+            authenticated(answer.response),
+            answer.canonical_name,
+        )
+
+
+def _text(name: dns.name.Name) -> str:
+    return name.to_text(omit_final_dot=True).lower()

@@ -22,7 +22,7 @@ from mailrelay.submission.message import add_submission_headers
 
 log = logging.getLogger("mailrelay.submission")
 
-Signer = Callable[[bytes, str], Awaitable[bytes]]
+SignFunction = Callable[[bytes, str], Awaitable[bytes]]  # (message, domain) -> signed message
 """(message, sending domain) -> the message with DKIM-Signature headers."""
 
 _BARE_LINE_ENDING = re.compile(rb"\r(?!\n)|(?<!\r)\n")
@@ -70,7 +70,7 @@ class SubmissionHandler:
         config: SubmissionConfig,
         hostname: str,
         store: Store,
-        signer: Signer | None,
+        signer: SignFunction | None,
         on_queued: Callable[[], None],
         authentication_results_for: Callable[[str], str] | None = None,
         on_accepted: Callable[[Accepted], None] | None = None,

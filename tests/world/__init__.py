@@ -9,7 +9,7 @@ import datetime
 from pathlib import Path
 from typing import Self, assert_never
 
-from tests.world.certs import Issued, TestCA, self_signed
+from tests.world.certs import Issued, TestCA, self_signed, tlsa_data, tlsa_record
 from tests.world.dns import DnsServer, Query
 from tests.world.mx import (
     CBC_ONLY,
@@ -63,6 +63,8 @@ __all__ = [
     "TlsSession",
     "World",
     "self_signed",
+    "tlsa_data",
+    "tlsa_record",
 ]
 
 
@@ -139,14 +141,17 @@ class World:
         hostname: str | None = None,
         address: str | None = None,
         ttl: int = 300,
+        issued: Issued | None = None,
     ) -> MxServer:
         """Start an MX for `domain` (named mxN.`domain` unless told) and publish its MX and A
-        records. Several MX hosts for one domain: call this again."""
+        records. Several MX hosts for one domain: call this again.
+
+        `issued` gives the MX that chain and key instead of the one `behaviour.cert` names, e.g.
+        a leaf from a private CA that only a TLSA record vouches for."""
         hostname = hostname or f"mx{len(self.servers) + 1}.{domain}"
         address = address or self._allocate_address()
-        cert_file, key_file = self.certificate(hostname, behaviour).write(
-            self.directory / "certs", hostname
-        )
+        issued = issued or self.certificate(hostname, behaviour)
+        cert_file, key_file = issued.write(self.directory / "certs", hostname)
         server = MxServer(
             address,
             self.smtp_port,

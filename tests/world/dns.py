@@ -6,7 +6,7 @@ import asyncio
 import contextlib
 import errno
 import struct
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Literal, Self, cast
 
 import dns.exception
@@ -33,11 +33,16 @@ _MAX_CNAME_HOPS = 8
 
 @dataclass(frozen=True)
 class Query:
-    """One question the server was asked: lowercased name without the trailing dot."""
+    """One question the server was asked: lowercased name without the trailing dot.
+
+    `dnssec` says whether the query asked for DNSSEC status (the AD flag, or DO in EDNS); it is
+    left out of comparisons so that tests about which questions were asked need not spell it.
+    """
 
     name: str
     rdtype: str
     transport: Transport
+    dnssec: bool = field(default=False, compare=False)
 
 
 def _name(text: str) -> dns.name.Name:
@@ -57,6 +62,10 @@ class DnsServer:
     types is NOERROR with an empty answer (NODATA). Negative answers carry an SOA for "." whose
     minimum is `negative_ttl`, so resolvers can cache them as they would a real zone's.
     CNAMEs inside the server's data are followed, as an authoritative server does in its zone.
+
+    It also plays the validating resolver the relay is configured with: the relay trusts DNSSEC
+    only through the AD flag of that resolver's answers, so names marked with `secure` get an
+    answer with AD set and nothing is signed (see `secure`).
     """
 
     def __init__(self, host: str = "127.0.0.1", port: int = 0, *, negative_ttl: int = 60) -> None:
@@ -65,6 +74,8 @@ class DnsServer:
         self._records: dict[dns.name.Name, dict[dns.rdatatype.RdataType, dns.rrset.RRset]] = {}
         self._servfail: set[dns.name.Name] = set()
         self._dropped: set[dns.name.Name] = set()
+        # name -> (secure, applies to the names below it too)
+        self._dnssec: dict[dns.name.Name, tuple[bool, bool]] = {}
         self._soa = dns.rrset.from_text(
             dns.name.root,
             negative_ttl,
@@ -132,6 +143,35 @@ class DnsServer:
         """Undo `servfail` and `drop` for `name`."""
         self._servfail.discard(_name(name))
         self._dropped.discard(_name(name))
+
+    def secure(self, name: str, *, subtree: bool = True) -> None:
+        """Treat `name` (with `subtree`, every name below it too: a signed zone) as DNSSEC-signed
+        and validated: answers about it carry the AD flag when the query asked for it (AD or DO,
+        RFC 6840 §5.7).
+
+        An answer gets AD only if every owner name in it is secure: each name along a followed
+        CNAME chain and, for NODATA or NXDOMAIN, the name that has no data. The nearest mark
+        wins, so `insecure` below a `secure` zone is an unsigned delegation. A "bogus" answer is
+        what a validating resolver turns into SERVFAIL: use `servfail`.
+        """
+        self._dnssec[_name(name)] = (True, subtree)
+
+    def insecure(self, name: str, *, subtree: bool = True) -> None:
+        """Undo `secure` for `name` (and, with `subtree`, the names below it): no AD flag."""
+        self._dnssec[_name(name)] = (False, subtree)
+
+    def is_secure(self, name: str | dns.name.Name) -> bool:
+        """Whether answers about `name` count as validated (see `secure`); unmarked: no."""
+        key = name if isinstance(name, dns.name.Name) else _name(name)
+        exact = self._dnssec.get(key)
+        if exact is not None:
+            return exact[0]
+        while key != dns.name.root:
+            key = key.parent()
+            mark = self._dnssec.get(key)
+            if mark is not None and mark[1]:
+                return mark[0]
+        return False
 
     # -- lifecycle -----------------------------------------------------------------------------
 
@@ -220,14 +260,33 @@ class DnsServer:
             return response
         question = query.question[0]
         rdtype = dns.rdatatype.RdataType(question.rdtype)
+        # RFC 6840 §5.7: a resolver sets AD only for a client that asked, with AD or with DO.
+        wants_dnssec = bool(query.flags & dns.flags.AD) or bool(query.ednsflags & dns.flags.DO)
         self.queries.append(
             Query(
                 question.name.to_text(omit_final_dot=True).lower(),
                 dns.rdatatype.to_text(rdtype),
                 transport,
+                wants_dnssec,
             )
         )
-        name = question.name
+        owners = [question.name]  # every owner name the answer speaks for
+        answered = self._answer_chain(response, question.name, rdtype, owners)
+        if answered is None:
+            return None
+        answered.flags &= ~dns.flags.AD
+        secure = answered.rcode() != dns.rcode.SERVFAIL and all(map(self.is_secure, owners))
+        if wants_dnssec and secure:
+            answered.flags |= dns.flags.AD
+        return answered
+
+    def _answer_chain(
+        self,
+        response: dns.message.Message,
+        name: dns.name.Name,
+        rdtype: dns.rdatatype.RdataType,
+        owners: list[dns.name.Name],
+    ) -> dns.message.Message | None:
         for _hop in range(_MAX_CNAME_HOPS):
             if name in self._dropped:
                 return None
@@ -247,6 +306,7 @@ class DnsServer:
                 break
             response.answer.append(cname)
             name = next(iter(cname)).target
+            owners.append(name)
         if not self._exists(name):
             response.set_rcode(dns.rcode.NXDOMAIN)
         response.authority.append(self._soa)

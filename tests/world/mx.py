@@ -6,6 +6,7 @@ import asyncio
 import contextlib
 import re
 import ssl
+import weakref
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from enum import Enum
@@ -130,6 +131,7 @@ class Connection:
     commands: list[Command] = field(default_factory=list)
     tls: TlsSession | None = None
     tls_error: str | None = None  # the server's view of a failed handshake
+    sni: str | None = None  # the server name the client asked for in its ClientHello, if any
     messages: list[Message] = field(default_factory=list)
     closed: bool = False
 
@@ -142,9 +144,20 @@ _LINE_LIMIT = 1 << 20
 _SIZE_LIMIT = 50 * 1024 * 1024
 
 
+# The server name each handshake asked for. A context (and its callback) is shared by every
+# connection, so the name is kept by TLS object until the connection reads it.
+_SNI: weakref.WeakKeyDictionary[ssl.SSLObject, str] = weakref.WeakKeyDictionary()
+
+
+def _note_sni(tls: ssl.SSLObject, server_name: str | None, _ctx: ssl.SSLContext) -> None:
+    if server_name is not None:
+        _SNI[tls] = server_name
+
+
 def server_context(mode: TlsMode, cert_file: Path, key_file: Path) -> ssl.SSLContext:
-    """The server-side TLS context for `mode`."""
+    """The server-side TLS context for `mode`; it notes the SNI each client sends."""
     ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    ctx.sni_callback = _note_sni
     ctx.load_cert_chain(cert_file, key_file)
     ctx.minimum_version = ssl.TLSVersion.TLSv1_2
     match mode:
@@ -419,6 +432,8 @@ class MxServer:
                 except (ssl.SSLError, ConnectionError, TimeoutError) as e:
                     conn.tls_error = str(e) or type(e).__name__
                     return False
+                finally:
+                    conn.sni = channel.sni
                 self._notify()
             case _:
                 assert_never(b.starttls)
@@ -449,6 +464,7 @@ class _Channel:
         self._incoming = ssl.MemoryBIO()
         self._outgoing = ssl.MemoryBIO()
         self._buffer = bytearray()
+        self.sni: str | None = None  # known once a handshake has read the ClientHello
 
     async def reply(self, text: str) -> None:
         data = text.replace("\n", "\r\n").encode() + b"\r\n"
@@ -476,18 +492,21 @@ class _Channel:
 
     async def start_tls(self, ctx: ssl.SSLContext) -> TlsSession:
         tls = ctx.wrap_bio(self._incoming, self._outgoing, server_side=True)
-        async with asyncio.timeout(5.0):
-            while True:
-                try:
-                    tls.do_handshake()
-                    break
-                except ssl.SSLWantReadError:
-                    await self._flush()
-                    await self._receive()
-                except ssl.SSLError:
-                    with contextlib.suppress(ConnectionError):
-                        await self._flush()  # the alert: the reason this class exists
-                    raise
+        try:
+            async with asyncio.timeout(5.0):
+                while True:
+                    try:
+                        tls.do_handshake()
+                        break
+                    except ssl.SSLWantReadError:
+                        await self._flush()
+                        await self._receive()
+                    except ssl.SSLError:
+                        with contextlib.suppress(ConnectionError):
+                            await self._flush()  # the alert: the reason this class exists
+                        raise
+        finally:
+            self.sni = _SNI.pop(tls, None)
         await self._flush()  # TLS 1.3 session tickets
         self._tls = tls
         cipher = tls.cipher()
