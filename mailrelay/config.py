@@ -15,7 +15,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal, get_args
 
-SecurityLevel = Literal["encrypt", "verify"]
+# "encrypt": any certificate; "verify": WebPKI; "dane": DANE must apply and match (RFC 7672).
+# Where the recipient publishes DANE or MTA-STS, every level is raised to it automatically.
+SecurityLevel = Literal["encrypt", "verify", "dane"]
 CipherProfile = Literal["ncsc-2025", "nist-800-52r2", "tls13-only"]
 InsecureAction = Literal["bounce", "defer"]
 LogFormat = Literal["kv", "json"]
@@ -81,6 +83,10 @@ class DeliveryConfig:
     connect_timeout: float = 30.0
     command_timeout: float = 120.0
     dns_timeout: float = 10.0
+    # MTA-STS policy fetches (RFC 8461 §3.3): the HTTPS port (tests point it elsewhere) and a
+    # deadline for the whole fetch, short because it delays delivery to that domain.
+    mta_sts_port: int = 443
+    mta_sts_timeout: float = 10.0
     domains: dict[str, DomainPolicy] = field(default_factory=dict)
 
     def security_level_for(self, domain: str) -> SecurityLevel:
@@ -227,6 +233,8 @@ def parse(raw: dict[str, Any], *, base_dir: Path) -> Config:
         connect_timeout=del_t.duration("connect_timeout", d.connect_timeout),
         command_timeout=del_t.duration("command_timeout", d.command_timeout),
         dns_timeout=del_t.duration("dns_timeout", d.dns_timeout),
+        mta_sts_port=del_t.integer("mta_sts_port", d.mta_sts_port, 1, 65535),
+        mta_sts_timeout=del_t.duration("mta_sts_timeout", d.mta_sts_timeout),
         domains=overrides,
     )
     del_t.done()

@@ -54,8 +54,16 @@ class Metrics:
         )
         self.smtp_tls_connections = Counter(
             "mailrelay_smtp_tls_connections",
-            "Outbound TLS sessions established, by protocol, cipher and certificate trust.",
-            ["protocol", "cipher", "trust"],
+            "Outbound TLS sessions established, by protocol, cipher, certificate trust and the"
+            " policy that accepted them (encrypt, verify, mta-sts, dane-ee, dane-ta).",
+            ["protocol", "cipher", "trust", "policy"],
+            registry=r,
+        )
+        self.smtp_tls_policy_failures = Counter(
+            "mailrelay_smtp_tls_policy_failures",
+            "Failures of a policy the recipient publishes (policy: dane, mta-sts), by reason:"
+            " a refused MX or certificate, a failed TLSA lookup, a failed policy fetch.",
+            ["policy", "reason"],
             registry=r,
         )
         self.smtp_insecure_refusals = Counter(

@@ -15,9 +15,9 @@ import time
 from mailrelay import signing
 from mailrelay.config import Config
 from mailrelay.delivery.courier import SmtpCourier
-from mailrelay.delivery.mx import MxResolver
-from mailrelay.delivery.policy import TransportPolicy
+from mailrelay.delivery.mta_sts import StoreStsCache
 from mailrelay.delivery.pool import SessionPool
+from mailrelay.delivery.published import transport_policy
 from mailrelay.delivery.runner import QueueRunner
 from mailrelay.metrics import Metrics, MetricsServer
 from mailrelay.store import Store, accounts, claims, connect, queue
@@ -61,10 +61,9 @@ class Service:
             checker,
             on_auth_failure=self.metrics.smtpd_sasl_authentication_failures.inc,
         )
-        d = config.delivery
-        resolver = MxResolver(d.nameservers, timeout=d.dns_timeout)
         self.pool = SessionPool(config, self.metrics)
-        courier = SmtpCourier(TransportPolicy(config, resolver), self.pool, self.metrics)
+        policy = transport_policy(config, StoreStsCache(self.store), self.metrics)
+        courier = SmtpCourier(policy, self.pool, self.metrics)
         self.runner = QueueRunner(config, self.store, courier, self.metrics, self.queue_changed)
         self.metrics_server = MetricsServer(self.metrics, config.metrics.listen)
         self._snapshot_conn: sqlite3.Connection | None = None

@@ -103,7 +103,7 @@ def test_an_empty_file_is_valid(tmp_path: Path) -> None:
         ('[delivery]\nport = "25"\n', "delivery.port: expected an integer, got '25'"),
         (
             '[delivery]\nsecurity_level = "maybe"\n',
-            "delivery.security_level: 'maybe' is not one of 'encrypt', 'verify'",
+            "delivery.security_level: 'maybe' is not one of 'encrypt', 'verify', 'dane'",
         ),
         (
             '[delivery]\nmax_queue_lifetime = "5 weeks"\n',

@@ -264,7 +264,7 @@ async def test_connection_reused_for_the_next_message(
     assert len(good.connections) == 1
     assert (
         relay.service.metrics.smtp_tls_connections.labels(
-            protocol="TLSv1.3", cipher="TLS_AES_256_GCM_SHA384", trust="verified"
+            protocol="TLSv1.3", cipher="TLS_AES_256_GCM_SHA384", trust="verified", policy="encrypt"
         )._value.get()
         == 1
     )

@@ -29,7 +29,12 @@ from tests.world import MODERN, TLS10_ONLY, World
 
 SMTP_PORT = 25280  # this file's own port
 DASHBOARD = Path(__file__).parent.parent / "config" / "grafana-dashboard.json"
-MODERN_TLS = {"protocol": "TLSv1.3", "cipher": "TLS_AES_256_GCM_SHA384", "trust": "verified"}
+MODERN_TLS = {
+    "protocol": "TLSv1.3",
+    "cipher": "TLS_AES_256_GCM_SHA384",
+    "trust": "verified",
+    "policy": "encrypt",
+}
 BAD_RCPT_REPLY = "501 5.1.3 Bad address syntax"
 FROM_NOT_OWNED_REPLY = "553 5.7.1 From: header address not owned by the authenticated user"
 EVENT_KEYS = {

@@ -13,12 +13,17 @@ from typing import Protocol
 
 from mailrelay.delivery.policy import Destination, Route, TransportPolicy
 from mailrelay.delivery.pool import SessionPool
-from mailrelay.delivery.result import Evidence, Kind, Result, most_telling
+from mailrelay.delivery.result import Evidence, Insecure, Kind, Result, most_telling
 from mailrelay.delivery.session import StaleSession
 from mailrelay.metrics import Metrics
 from mailrelay.store.claims import Job
 
 log = logging.getLogger("mailrelay.delivery")
+# Sessions a published policy refused: (policy, reason) for the policy-failure counter.
+_PUBLISHED = {
+    Insecure.DANE: ("dane", "certificate_mismatch"),
+    Insecure.MTA_STS: ("mta-sts", "certificate"),
+}
 
 
 class Courier(Protocol):
@@ -63,6 +68,9 @@ class SmtpCourier:
             async with self.pool.session(route.host.name, address, route.tls, fresh=fresh) as s:
                 if isinstance(s, Result):
                     self._refused(destination, route, s)
+                    if s.insecure in _PUBLISHED:
+                        policy, reason = _PUBLISHED[s.insecure]
+                        self.metrics.smtp_tls_policy_failures.labels(policy, reason).inc()
                     tried.append(s)
                     return None
                 try:

@@ -91,6 +91,8 @@ class WebPki:
     names: tuple[str, ...]
     ca_file: str = ""
     label: str = "verify"
+    detail: str | None = None  # what asked for it, e.g. the MTA-STS policy id, for the evidence
+    reason: Insecure = Insecure.CERTIFICATE  # what a refusal is called
 
     async def judge(self, handshake: Handshake) -> Judgement:
         errors = []
@@ -99,12 +101,14 @@ class WebPki:
             if error is None:
                 weak = weak_chain(handshake.chain)
                 if weak is None:
-                    return Accepted(self.label, True)
+                    return Accepted(self.label, True, detail=self.detail)
                 error = weak
             errors.append(error)
         why = errors[0] if errors else "no name to verify against"
         detail = f"certificate not accepted: {why}"
-        return Refusal(Insecure.CERTIFICATE, detail, self.label, verified=False)
+        if self.detail:
+            detail += f" ({self.detail})"
+        return Refusal(self.reason, detail, self.label, verified=False)
 
 
 @dataclass(frozen=True)

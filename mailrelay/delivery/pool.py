@@ -104,6 +104,7 @@ class SessionPool:
                 protocol=tls.protocol,
                 cipher=tls.cipher,
                 trust="verified" if tls.verified else "unverified",
+                policy=tls.policy or "encrypt",
             ).inc()
             self._uses[id(opened)] = (key, 0)
         return opened

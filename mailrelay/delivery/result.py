@@ -30,11 +30,23 @@ class Insecure(StrEnum):
     HANDSHAKE = "handshake"
     PROTOCOL = "protocol"
     CIPHER = "cipher"
+    DANE = "dane"  # secure TLSA records, and the certificate matches none of them
+    DANE_REQUIRED = "dane_required"  # security_level = "dane", and the MX has no DANE
+    MTA_STS = "mta_sts"  # an enforce policy refuses the MX name or its certificate
 
     @property
     def status(self) -> str:
         """The RFC 3463 enhanced status code a bounce for this reason carries."""
         return _INSECURE_STATUS[self]
+
+    @property
+    def defers(self) -> bool:
+        """Whether recipients wait instead of bouncing at once. A failure of a policy the
+        recipient published is often its own key or policy rollover, or an attacker in the path
+        for now: RFC 7672 §2.2 and RFC 8461 §5 want delivery deferred, and the bounce only at
+        the queue lifetime (with this reason). A missing STARTTLS or a weak cipher is the
+        server's lasting configuration: `insecure_action` decides."""
+        return self in (Insecure.DANE, Insecure.DANE_REQUIRED, Insecure.MTA_STS)
 
 
 _INSECURE_STATUS = {
@@ -44,6 +56,9 @@ _INSECURE_STATUS = {
     Insecure.HANDSHAKE: "5.7.5",
     Insecure.PROTOCOL: "5.7.10",
     Insecure.CIPHER: "5.7.10",
+    Insecure.DANE: "5.7.5",
+    Insecure.DANE_REQUIRED: "5.7.5",
+    Insecure.MTA_STS: "5.7.5",
 }
 # An MX that did offer TLS (5.7.10, 5.7.5) says more about the destination than one that offered
 # none (5.7.4): the bounce names the most telling reason.
@@ -95,5 +110,10 @@ class Result:
 
 
 def most_telling(results: list[Result]) -> Result:
-    """Among insecure refusals, the one whose reason says most about the destination."""
-    return min(results, key=lambda r: _TELLING.get(r.status, 3))
+    """Among insecure refusals, the one that decides: a refusal that defers (a published
+    policy failed) before any other, so that one MX with a rolled-over DANE key and one with
+    TLS 1.0 wait rather than bounce; then the reason that says most about the destination."""
+    return min(
+        results,
+        key=lambda r: (not (r.insecure and r.insecure.defers), _TELLING.get(r.status, 3)),
+    )

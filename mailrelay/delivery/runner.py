@@ -174,7 +174,8 @@ class QueueRunner:
             case Kind.PERMANENT:
                 return self._update(recipient, "bounced", result.status, result.diagnostic, result)
             case Kind.INSECURE:
-                if self.config.delivery.insecure_action_for(job.domain) == "bounce":
+                action = self.config.delivery.insecure_action_for(job.domain)
+                if action == "bounce" and not (result.insecure and result.insecure.defers):
                     return self._update(
                         recipient, "bounced", result.status, result.diagnostic, result
                     )
