@@ -15,6 +15,7 @@ import sqlite3
 import sys
 import time
 from collections.abc import Callable, Sequence
+from pathlib import Path
 from typing import Any
 
 from mailrelay import config as configmod
@@ -318,28 +319,54 @@ def _domain_retire(cfg: Config, args: argparse.Namespace) -> int:
 
 
 def _tls_check(cfg: Config, args: argparse.Namespace) -> int:
+    from mailrelay.delivery.mta_sts import ConnectionStsCache
     from mailrelay.delivery.probe import tls_check  # only this command needs the TLS client
 
-    report = asyncio.run(tls_check(cfg, args.domain))
+    # The service's MTA-STS cache where there is one (a policy it holds is the one it applies,
+    # and what is fetched here serves it too); a throw-away one before the first start.
+    path = cfg.storage.path
+    conn = connect(path if Path(path).exists() else ":memory:")
+    try:
+        report = asyncio.run(tls_check(cfg, args.domain, ConnectionStsCache(conn)))
+    finally:
+        conn.close()
     if args.json:
         _print_json(report.to_json())
-    else:
-        print(
-            f"{report.domain}: {report.verdict.upper()} ({report.detail})"
-            f" [security_level={report.security_level} cipher_profile={report.cipher_profile}]"
-        )
-        for m in report.mx:
-            starttls = {True: "yes", False: "no", None: "?"}[m.starttls]
-            print(f"  MX {m.preference} {m.host} [{m.address}]: {m.verdict} ({m.status})")
-            print(f"      STARTTLS {starttls}; {m.protocol or '-'} {m.cipher or ''}".rstrip())
-            if m.certificate_subject:
-                verified = {True: "verified", False: "not verified", None: "?"}
-                print(
-                    f"      certificate {m.certificate_subject}, issuer {m.certificate_issuer},"
-                    f" valid {m.certificate_not_before} to {m.certificate_not_after},"
-                    f" {verified[m.certificate_verified]}"
-                )
-            print(f"      {_safe(m.detail)}")
+        return 0 if report.verdict == "secure" else 1
+    print(
+        f"{report.domain}: {report.verdict.upper()} ({report.detail})"
+        f" [security_level={report.security_level} cipher_profile={report.cipher_profile}]"
+    )
+    sts = report.mta_sts
+    if sts is not None and (sts.mode or sts.error):
+        if sts.mode:
+            print(
+                f"  MTA-STS: mode {sts.mode}, id {sts.policy_id}, mx {', '.join(sts.mx)},"
+                f" max_age {sts.max_age}, {sts.source}"
+            )
+        if sts.error:
+            print(f"  MTA-STS {sts.error}: {_safe(sts.detail)}")
+    elif sts is not None:
+        print("  MTA-STS: no policy")
+    for m in report.mx:
+        starttls = {True: "yes", False: "no", None: "?"}[m.starttls]
+        print(f"  MX {m.preference} {m.host} [{m.address}]: {m.verdict} ({m.status})")
+        print(f"      DNSSEC {'yes' if m.dnssec else 'no'}; TLSA {m.tlsa}: {_safe(m.tlsa_detail)}")
+        for record in m.tlsa_records:
+            print(f"        TLSA {record}")
+        print(f"      STARTTLS {starttls}; {m.protocol or '-'} {m.cipher or ''}".rstrip())
+        if m.certificate_subject:
+            verified = {True: "verified", False: "not verified", None: "?"}
+            print(
+                f"      certificate {m.certificate_subject}, issuer {m.certificate_issuer},"
+                f" valid {m.certificate_not_before} to {m.certificate_not_after},"
+                f" {verified[m.certificate_verified]}"
+            )
+        if m.policy:
+            print(
+                f"      policy {m.policy}{': ' + _safe(m.policy_detail) if m.policy_detail else ''}"
+            )
+        print(f"      {_safe(m.detail)}")
     return 0 if report.verdict == "secure" else 1
 
 

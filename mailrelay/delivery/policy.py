@@ -16,7 +16,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, replace
 from typing import Protocol
 
-from mailrelay.config import CipherProfile, Config, InsecureAction
+from mailrelay.config import CipherProfile, Config
 from mailrelay.delivery import ciphers
 from mailrelay.delivery.certificates import CertificateFacts, verify_chain, weak_chain
 from mailrelay.delivery.mx import MxFailure, MxHost, MxResolver
@@ -158,7 +158,7 @@ class DomainRule(Protocol):
 class Destination:
     domain: str
     routes: tuple[Route, ...]  # in the order to try them
-    insecure_action: InsecureAction
+    prepared: tuple[DomainRule, ...] = ()  # what each rule found, for `tls-check` to show
 
 
 class TransportPolicy:
@@ -193,8 +193,7 @@ class TransportPolicy:
                 if route.refusal is None:
                     route = rule.route(route)
             routes.append(route)
-        action = self.config.delivery.insecure_action_for(domain)
-        return Destination(domain, tuple(routes), action)
+        return Destination(domain, tuple(routes), tuple(prepared))
 
 
 def raised(route: Route, authentication: Authentication, sni: str | None = None) -> Route:
