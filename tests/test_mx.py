@@ -5,6 +5,7 @@ from __future__ import annotations
 import random
 import time
 from collections.abc import AsyncIterator
+from dataclasses import replace
 
 import dns.nameserver
 import pytest
@@ -292,3 +293,108 @@ def test_nameservers_take_ports() -> None:
         ("127.0.0.53", 53),
     ]
     assert (resolver.timeout, resolver.lifetime) == (2.0, 2.0)
+
+
+# -- DNSSEC status, from the AD flag of the (validating) resolver ---------------------------------
+
+
+async def test_every_query_asks_for_the_dnssec_status(
+    dns_server: DnsServer, resolver: MxResolver
+) -> None:
+    publish(dns_server, MX1)
+
+    await resolver.resolve_mx(DOMAIN)
+
+    assert [(q.rdtype, q.dnssec) for q in dns_server.queries] == [
+        ("MX", True),
+        ("A", True),
+        ("AAAA", True),
+    ]
+
+
+async def test_unsigned_answers_are_insecure(dns_server: DnsServer, resolver: MxResolver) -> None:
+    publish(dns_server, MX1)
+
+    [host] = await hosts(resolver)
+
+    assert (host.dnssec, host.mx_dnssec, host.expanded_name) == (False, False, None)
+
+
+async def test_a_validated_mx_and_address_are_secure(
+    dns_server: DnsServer, resolver: MxResolver
+) -> None:
+    publish(dns_server, MX1)
+    dns_server.secure(DOMAIN)
+
+    assert await hosts(resolver) == [replace(MX1, dnssec=True, mx_dnssec=True)]
+
+
+async def test_an_mx_host_in_an_unsigned_zone_is_insecure(
+    dns_server: DnsServer, resolver: MxResolver
+) -> None:
+    dns_server.add(DOMAIN, "MX", "10 mx.provider.test.")
+    dns_server.add("mx.provider.test", "A", "127.0.1.1")
+    dns_server.secure(DOMAIN)
+
+    assert await hosts(resolver) == [
+        MxHost("mx.provider.test", 10, ("127.0.1.1",), dnssec=False, mx_dnssec=True)
+    ]
+
+
+async def test_an_unsigned_mx_rrset_makes_a_signed_host_insecure(
+    dns_server: DnsServer, resolver: MxResolver
+) -> None:
+    dns_server.add(DOMAIN, "MX", "10 mx.provider.test.")
+    dns_server.add("mx.provider.test", "A", "127.0.1.1")
+    dns_server.secure("provider.test")
+
+    assert await hosts(resolver) == [MxHost("mx.provider.test", 10, ("127.0.1.1",))]
+
+
+@pytest.mark.parametrize("target_signed", [True, False], ids=["signed", "unsigned"])
+async def test_an_mx_host_that_is_an_alias_names_its_target(
+    dns_server: DnsServer, resolver: MxResolver, target_signed: bool
+) -> None:
+    dns_server.add(DOMAIN, "MX", "10 mx1.example.org.")
+    dns_server.add("mx1.example.org", "CNAME", "mail.provider.test.")
+    dns_server.add("mail.provider.test", "A", "127.0.1.1")
+    dns_server.secure(DOMAIN)
+    if target_signed:
+        dns_server.secure("provider.test")
+
+    assert await hosts(resolver) == [
+        MxHost(
+            "mx1.example.org",
+            10,
+            ("127.0.1.1",),
+            dnssec=target_signed,
+            mx_dnssec=True,
+            expanded_name="mail.provider.test",
+        )
+    ]
+
+
+async def test_an_implicit_mx_counts_its_address_records(
+    dns_server: DnsServer, resolver: MxResolver
+) -> None:
+    dns_server.add(DOMAIN, "A", "127.0.1.5")
+    dns_server.secure(DOMAIN)
+
+    assert await hosts(resolver) == [MxHost(DOMAIN, 0, ("127.0.1.5",), dnssec=True, mx_dnssec=True)]
+
+
+async def test_the_dnssec_status_is_cached_with_the_answer(
+    dns_server: DnsServer, resolver: MxResolver, clock: Clock
+) -> None:
+    publish(dns_server, MX1, ttl=60)
+    dns_server.secure(DOMAIN)
+    first = await hosts(resolver)
+    dns_server.insecure(DOMAIN)
+
+    clock.now += 59
+    cached = await hosts(resolver)
+    clock.now += 1
+    fresh = await hosts(resolver)
+
+    secure = [replace(MX1, dnssec=True, mx_dnssec=True)]
+    assert (first, cached, fresh) == (secure, secure, [MX1])

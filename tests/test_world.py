@@ -5,10 +5,13 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import dataclasses
+import hashlib
+import itertools
 import smtplib
 import ssl
 from collections.abc import AsyncIterator
 from pathlib import Path
+from typing import cast
 
 import dns.asyncquery
 import dns.asyncresolver
@@ -19,6 +22,7 @@ import dns.nameserver
 import dns.rcode
 import dns.rrset
 import pytest
+from cryptography.hazmat.primitives import serialization
 
 from tests.world import (
     CBC_ONLY,
@@ -36,9 +40,12 @@ from tests.world import (
     DnsServer,
     MxServer,
     Query,
+    TestCA,
     TlsSession,
     World,
+    tlsa_record,
 )
+from tests.world.certs import ChainShape
 from tests.world.dns import Transport
 
 SMTP_PORT = 25251  # this file's own port, below Linux's ephemeral range
@@ -192,6 +199,113 @@ async def test_dropped_name_times_out(dns_server: DnsServer, tcp: bool) -> None:
             await dns.asyncquery.udp(query, host, port=port, timeout=0.2)
 
 
+# -- DNS: DNSSEC status (the AD flag) ----------------------------------------------------------
+
+
+async def ask_ad(
+    server: DnsServer, name: str, rdtype: str, *, ad: bool = True, do: bool = False
+) -> dns.message.Message:
+    host, port = server.address
+    query = dns.message.make_query(name, rdtype, want_dnssec=do)
+    if ad:
+        query.flags |= dns.flags.AD
+    return await dns.asyncquery.udp(query, host, port=port, timeout=2)
+
+
+def ad(response: dns.message.Message) -> bool:
+    return bool(response.flags & dns.flags.AD)
+
+
+async def test_secure_names_get_ad_only_when_the_query_asks(dns_server: DnsServer) -> None:
+    dns_server.add("mx1.example.org", "A", "127.0.1.1")
+    dns_server.secure("example.org")
+
+    asked_ad = await ask_ad(dns_server, "mx1.example.org", "A")
+    asked_do = await ask_ad(dns_server, "mx1.example.org", "A", ad=False, do=True)
+    asked_neither = await ask_ad(dns_server, "mx1.example.org", "A", ad=False)
+
+    assert (ad(asked_ad), ad(asked_do), ad(asked_neither)) == (True, True, False)
+    assert [q.dnssec for q in dns_server.queries] == [True, True, False]
+
+
+async def test_unmarked_names_never_get_ad(dns_server: DnsServer) -> None:
+    dns_server.add("mx1.example.org", "A", "127.0.1.1")
+
+    assert not ad(await ask_ad(dns_server, "mx1.example.org", "A", do=True))
+
+
+async def test_negative_answers_carry_ad_for_secure_names(dns_server: DnsServer) -> None:
+    dns_server.add("mx1.example.org", "A", "127.0.1.1")
+    dns_server.secure("example.org")
+
+    nxdomain = await ask_ad(dns_server, "_25._tcp.mx1.example.org", "TLSA")
+    nodata = await ask_ad(dns_server, "mx1.example.org", "TLSA")
+
+    assert (nxdomain.rcode(), ad(nxdomain)) == (dns.rcode.NXDOMAIN, True)
+    assert (nodata.rcode(), nodata.answer, ad(nodata)) == (dns.rcode.NOERROR, [], True)
+
+
+async def test_the_nearest_mark_wins(dns_server: DnsServer) -> None:
+    for name in ("mx1.example.org", "mx2.unsigned.example.org", "one.example.net"):
+        dns_server.add(name, "A", "127.0.1.1")
+    dns_server.add("two.example.net", "A", "127.0.1.2")
+    dns_server.secure("example.org")
+    dns_server.insecure("unsigned.example.org")  # an unsigned delegation below a signed zone
+    dns_server.secure("one.example.net", subtree=False)
+
+    answers = [
+        ad(await ask_ad(dns_server, name, "A"))
+        for name in ("mx1.example.org", "mx2.unsigned.example.org", "one.example.net")
+    ]
+    answers.append(ad(await ask_ad(dns_server, "two.example.net", "A")))
+
+    assert answers == [True, False, True, False]
+    assert dns_server.is_secure("example.org")
+    assert not dns_server.is_secure("x.one.example.net")
+
+
+@pytest.mark.parametrize(
+    ("secure_target", "expected"), [(True, True), (False, False)], ids=["signed", "unsigned"]
+)
+async def test_a_cname_chain_is_secure_only_if_every_name_is(
+    dns_server: DnsServer, secure_target: bool, expected: bool
+) -> None:
+    dns_server.add("mx1.example.org", "CNAME", "mail.provider.test.")
+    dns_server.add("mail.provider.test", "A", "127.0.1.1")
+    dns_server.secure("example.org")
+    if secure_target:
+        dns_server.secure("provider.test")
+
+    response = await ask_ad(dns_server, "mx1.example.org", "A")
+
+    assert [rrset.rdtype for rrset in response.answer] == [dns.rdatatype.CNAME, dns.rdatatype.A]
+    assert ad(response) is expected
+
+
+async def test_a_cname_to_a_missing_name_needs_the_missing_name_secure(
+    dns_server: DnsServer,
+) -> None:
+    dns_server.add("mx1.example.org", "CNAME", "gone.provider.test.")
+    dns_server.secure("example.org")
+
+    unsigned = await ask_ad(dns_server, "mx1.example.org", "A")
+    dns_server.secure("provider.test")
+    signed = await ask_ad(dns_server, "mx1.example.org", "A")
+
+    assert (unsigned.rcode(), ad(unsigned)) == (dns.rcode.NXDOMAIN, False)
+    assert (signed.rcode(), ad(signed)) == (dns.rcode.NXDOMAIN, True)
+
+
+async def test_servfail_never_carries_ad(dns_server: DnsServer) -> None:
+    dns_server.add("mx1.example.org", "A", "127.0.1.1")
+    dns_server.secure("example.org")
+    dns_server.servfail("mx1.example.org")
+
+    response = await ask_ad(dns_server, "mx1.example.org", "A")
+
+    assert (response.rcode(), ad(response)) == (dns.rcode.SERVFAIL, False)
+
+
 # -- MX servers: TLS -------------------------------------------------------------------------------
 
 
@@ -273,6 +387,66 @@ async def test_certificates_verify_only_when_they_should(
         with pytest.raises(ssl.SSLCertVerificationError) as failure:
             await starttls(mx, verifying, server_hostname=mx.hostname)
         assert failure.value.verify_message == verify_message
+
+
+@pytest.mark.parametrize("sni", ["mx1.example.org", None])
+async def test_the_mx_records_the_sni_the_client_sent(world: World, sni: str | None) -> None:
+    mx = await world.add_mx("example.org", MODERN)
+
+    await starttls(mx, inspecting_context(), server_hostname=sni)
+    await mx.wait_until(lambda s: s.connections[0].closed)
+
+    assert mx.connections[0].sni == sni
+
+
+async def test_an_mx_can_be_given_its_certificate_chain(world: World) -> None:
+    private = TestCA("private trust anchor").intermediate("private intermediate")
+    issued = private.issue(["mx1.example.org"], chain="full")
+    mx = await world.add_mx("example.org", MODERN, issued=issued)
+    received: list[bytes] = []
+
+    def fetch_leaf() -> None:
+        with smtp_client(mx) as client:
+            client.starttls(context=inspecting_context())
+            assert client.sock is not None
+            received.append(cast(ssl.SSLSocket, client.sock).getpeercert(binary_form=True) or b"")
+
+    await asyncio.to_thread(fetch_leaf)
+
+    assert received == issued.chain_der[:1]
+    assert [c.subject.rfc4514_string() for c in issued.certificates] == [
+        "CN=mx1.example.org",
+        "CN=private intermediate",
+        "CN=private trust anchor",
+    ]
+
+
+@pytest.mark.parametrize(
+    ("shape", "expected"),
+    [("intermediates", 2), ("full", 3), ("leaf", 1)],
+)
+def test_issue_sends_the_chain_shape_asked_for(shape: ChainShape, expected: int) -> None:
+    root = TestCA("root")
+    issued = root.intermediate("intermediate").issue(["mx.example.org"], chain=shape)
+
+    chain = issued.certificates
+    assert len(chain) == expected
+    for cert, issuer in itertools.pairwise(chain):
+        cert.verify_directly_issued_by(issuer)
+
+
+def test_tlsa_records_name_the_certificate_or_its_key() -> None:
+    cert = TestCA().issue(["mx.example.org"]).leaf
+    der = cert.public_bytes(serialization.Encoding.DER)
+    spki = cert.public_key().public_bytes(
+        serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo
+    )
+
+    assert tlsa_record(cert, 3, 1, 1) == f"3 1 1 {hashlib.sha256(spki).hexdigest()}"
+    assert tlsa_record(cert, 2, 0, 2) == f"2 0 2 {hashlib.sha512(der).hexdigest()}"
+    assert tlsa_record(cert, 3, 0, 0) == f"3 0 0 {der.hex()}"
+    with pytest.raises(ValueError, match="no such TLSA selector: 2"):
+        tlsa_record(cert, 3, 2, 1)
 
 
 async def test_a_modern_client_cannot_handshake_with_tls10_only(world: World) -> None:

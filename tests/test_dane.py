@@ -1,0 +1,766 @@
+"""DANE for SMTP (RFC 7672): TLSA lookups against a real DNS server on loopback that marks
+names as signed through the AD flag, and matching against certificates made in the test."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import datetime as dt
+import hashlib
+import ssl
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+import dns.asyncresolver
+import pytest
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
+
+from mailrelay.delivery.dane import (
+    DaneMatch,
+    DaneMismatch,
+    DaneRecords,
+    DaneTrouble,
+    NoDane,
+    Tlsa,
+    lookup_tlsa,
+    match,
+    reference_names,
+)
+from mailrelay.delivery.mx import MxHost, MxResolver
+from mailrelay.resolver import make_resolver
+from tests.world import MODERN, DnsServer, Issued, TestCA, World, self_signed, tlsa_record
+
+SMTP_PORT = 25262  # this file's own port
+SHORT_TIMEOUT = 0.3
+DOMAIN = "example.org"
+MX = "mx1.example.org"
+OWNER = "_25._tcp.mx1.example.org"
+ALIAS_TARGET = "mail.provider.test"
+TARGET_OWNER = "_25._tcp.mail.provider.test"
+NAMES = (MX, DOMAIN)
+NOW = dt.datetime.now(dt.UTC)
+DAY = dt.timedelta(days=1)
+
+# A private trust anchor: in no ca_file, so only a TLSA record can vouch for it.
+TA = TestCA("DANE trust anchor")
+INTERMEDIATE = TA.intermediate("DANE intermediate")
+ISSUED = INTERMEDIATE.issue([MX], chain="full")  # leaf, intermediate, trust anchor
+LEAF = ISSUED.leaf
+OTHER = TestCA("someone else").issue([MX]).leaf
+EE = tlsa_record(LEAF, 3, 1, 1)
+EE_OTHER = tlsa_record(OTHER, 3, 1, 1)
+
+
+def records(*texts: str, base: str = MX) -> DaneRecords:
+    return DaneRecords(base, tuple(Tlsa.from_text(t) for t in texts))
+
+
+def chain(issued: Issued, length: int | None = None) -> list[bytes]:
+    return issued.chain_der[:length]
+
+
+def brief(text: str) -> str:
+    return Tlsa.from_text(text).brief()
+
+
+def sha256(cert: x509.Certificate) -> str:
+    return hashlib.sha256(cert.public_bytes(serialization.Encoding.DER)).hexdigest()
+
+
+# -- lookup ----------------------------------------------------------------------------------------
+
+
+@pytest.fixture
+async def dns_server() -> AsyncIterator[DnsServer]:
+    async with DnsServer() as server:
+        yield server
+
+
+@pytest.fixture
+def resolver(dns_server: DnsServer) -> dns.asyncresolver.Resolver:
+    return make_resolver([dns_server.nameserver], SHORT_TIMEOUT)
+
+
+async def only_host(dns_server: DnsServer) -> MxHost:
+    result = await MxResolver([dns_server.nameserver], timeout=SHORT_TIMEOUT).resolve_mx(DOMAIN)
+    assert isinstance(result, list), result
+    [host] = result
+    return host
+
+
+def publish(dns_server: DnsServer, *tlsa: str, host: str = MX) -> None:
+    dns_server.add(DOMAIN, "MX", f"10 {host}.")
+    dns_server.add(host, "A", "127.0.1.1")
+    for record in tlsa:
+        dns_server.add(f"_25._tcp.{host}", "TLSA", record)
+
+
+def publish_alias(dns_server: DnsServer) -> None:
+    """mx1.example.org is an alias of mail.provider.test (RFC 7672 §2.2.3)."""
+    dns_server.add(DOMAIN, "MX", f"10 {MX}.")
+    dns_server.add(MX, "CNAME", f"{ALIAS_TARGET}.")
+    dns_server.add(ALIAS_TARGET, "A", "127.0.1.1")
+
+
+def tlsa_questions(dns_server: DnsServer) -> list[str]:
+    return [q.name for q in dns_server.queries if q.rdtype == "TLSA"]
+
+
+async def test_a_validated_tlsa_rrset_applies(
+    dns_server: DnsServer, resolver: dns.asyncresolver.Resolver
+) -> None:
+    publish(dns_server, EE)
+    dns_server.secure(DOMAIN)
+
+    result = await lookup_tlsa(resolver, await only_host(dns_server))
+
+    assert result == records(EE)
+    assert [(q.name, q.dnssec) for q in dns_server.queries if q.rdtype == "TLSA"] == [(OWNER, True)]
+
+
+async def test_the_port_names_the_tlsa_owner(
+    dns_server: DnsServer, resolver: dns.asyncresolver.Resolver
+) -> None:
+    publish(dns_server)
+    dns_server.add(f"_2525._tcp.{MX}", "TLSA", EE)
+    dns_server.secure(DOMAIN)
+
+    result = await lookup_tlsa(resolver, await only_host(dns_server), port=2525)
+
+    assert result == DaneRecords(MX, (Tlsa.from_text(EE),), 2525)
+    assert isinstance(result, DaneRecords)
+    assert result.owner == f"_2525._tcp.{MX}"
+
+
+async def test_an_unsigned_mx_rrset_means_no_dane_even_beside_tlsa(
+    dns_server: DnsServer, resolver: dns.asyncresolver.Resolver
+) -> None:
+    publish(dns_server, EE, host="mx.provider.test")
+    dns_server.secure("provider.test")  # the host and its TLSA are signed; example.org is not
+
+    result = await lookup_tlsa(resolver, await only_host(dns_server))
+
+    assert result == NoDane("the MX answer naming mx.provider.test is not DNSSEC-validated")
+    assert tlsa_questions(dns_server) == []
+
+
+async def test_unsigned_address_records_mean_no_dane(
+    dns_server: DnsServer, resolver: dns.asyncresolver.Resolver
+) -> None:
+    publish(dns_server, EE, host="mx.provider.test")
+    dns_server.secure(DOMAIN)
+
+    result = await lookup_tlsa(resolver, await only_host(dns_server))
+
+    assert result == NoDane("the address records of mx.provider.test are not DNSSEC-validated")
+    assert tlsa_questions(dns_server) == []
+
+
+async def test_an_unsigned_tlsa_rrset_means_no_dane(
+    dns_server: DnsServer, resolver: dns.asyncresolver.Resolver
+) -> None:
+    publish(dns_server, EE)
+    dns_server.secure(DOMAIN)
+    dns_server.insecure(OWNER)
+
+    result = await lookup_tlsa(resolver, await only_host(dns_server))
+
+    assert result == NoDane(f"the TLSA records at {OWNER} are not DNSSEC-validated")
+
+
+@pytest.mark.parametrize("kind", ["nxdomain", "nodata"])
+async def test_validated_absence_means_no_dane(
+    dns_server: DnsServer, resolver: dns.asyncresolver.Resolver, kind: str
+) -> None:
+    publish(dns_server)
+    if kind == "nodata":
+        dns_server.add(OWNER, "TXT", "not a TLSA record")
+    dns_server.secure(DOMAIN)
+
+    result = await lookup_tlsa(resolver, await only_host(dns_server))
+
+    assert result == NoDane(f"no TLSA records at {OWNER}")
+
+
+async def test_servfail_on_tlsa_is_trouble_not_a_downgrade(
+    dns_server: DnsServer, resolver: dns.asyncresolver.Resolver
+) -> None:
+    publish(dns_server, EE)
+    dns_server.secure(DOMAIN)
+    dns_server.servfail(OWNER)  # what a validating resolver answers for bogus data
+    host, port = dns_server.address
+
+    result = await lookup_tlsa(resolver, await only_host(dns_server))
+
+    assert result == DaneTrouble(
+        f"TLSA lookup for {OWNER}: no nameserver gave an answer (All nameservers failed to "
+        f"answer the query {OWNER}. IN TLSA: Server Do53:{host}@{port} answered SERVFAIL)"
+    )
+
+
+async def test_a_tlsa_timeout_is_trouble(
+    dns_server: DnsServer, resolver: dns.asyncresolver.Resolver
+) -> None:
+    publish(dns_server, EE)
+    dns_server.secure(DOMAIN)
+    host = await only_host(dns_server)
+    dns_server.drop(OWNER)
+
+    assert await lookup_tlsa(resolver, host) == DaneTrouble(f"TLSA lookup for {OWNER} timed out")
+
+
+async def test_only_pkix_records_leave_nothing_usable(
+    dns_server: DnsServer, resolver: dns.asyncresolver.Resolver
+) -> None:
+    pkix = (tlsa_record(LEAF, 1, 1, 1), tlsa_record(TA.certificate, 0, 0, 1))
+    publish(dns_server, *pkix)
+    dns_server.secure(DOMAIN)
+
+    result = await lookup_tlsa(resolver, await only_host(dns_server))
+
+    # DANE applies (TLS is mandatory) but nothing can authenticate the server (RFC 7672 §2.2).
+    assert isinstance(result, DaneRecords)
+    assert sorted(map(str, result.records)) == sorted(pkix)
+    assert result.usable == ()
+
+
+async def test_an_implicit_mx_looks_for_tlsa_at_the_domain(
+    dns_server: DnsServer, resolver: dns.asyncresolver.Resolver
+) -> None:
+    dns_server.add(DOMAIN, "A", "127.0.1.1")
+    dns_server.add(f"_25._tcp.{DOMAIN}", "TLSA", EE)
+    dns_server.secure(DOMAIN)
+
+    result = await lookup_tlsa(resolver, await only_host(dns_server))
+
+    assert result == records(EE, base=DOMAIN)
+
+
+async def test_a_tlsa_owner_that_is_an_alias_keeps_the_base_domain(
+    dns_server: DnsServer, resolver: dns.asyncresolver.Resolver
+) -> None:
+    publish(dns_server)
+    dns_server.add(OWNER, "CNAME", "_25._tcp.tlsa.provider.test.")
+    dns_server.add("_25._tcp.tlsa.provider.test", "TLSA", EE)
+    dns_server.secure(DOMAIN)
+    dns_server.secure("provider.test")
+    host = await only_host(dns_server)
+
+    signed = await lookup_tlsa(resolver, host)
+    dns_server.insecure("provider.test")
+    unsigned = await lookup_tlsa(resolver, host)
+
+    assert signed == records(EE)
+    assert unsigned == NoDane(f"the TLSA records at {OWNER} are not DNSSEC-validated")
+
+
+# RFC 7672 §2.2.3: an MX host name that is an alias.
+
+
+async def test_an_alias_looks_at_its_target_first(
+    dns_server: DnsServer, resolver: dns.asyncresolver.Resolver
+) -> None:
+    publish_alias(dns_server)
+    dns_server.add(TARGET_OWNER, "TLSA", EE)
+    dns_server.add(OWNER, "TLSA", EE_OTHER)
+    dns_server.secure(DOMAIN)
+    dns_server.secure("provider.test")
+
+    result = await lookup_tlsa(resolver, await only_host(dns_server))
+
+    assert result == records(EE, base=ALIAS_TARGET)
+    assert tlsa_questions(dns_server) == [TARGET_OWNER]
+
+
+@pytest.mark.parametrize("at_target", ["nxdomain", "unsigned"])
+async def test_an_alias_falls_back_to_its_own_name(
+    dns_server: DnsServer, resolver: dns.asyncresolver.Resolver, at_target: str
+) -> None:
+    publish_alias(dns_server)
+    dns_server.add(OWNER, "TLSA", EE)
+    dns_server.secure(DOMAIN)
+    dns_server.secure("provider.test")
+    if at_target == "unsigned":
+        dns_server.add(TARGET_OWNER, "TLSA", EE_OTHER)
+        dns_server.insecure(TARGET_OWNER)
+
+    result = await lookup_tlsa(resolver, await only_host(dns_server))
+
+    assert result == records(EE)
+    assert tlsa_questions(dns_server) == [TARGET_OWNER, OWNER]
+
+
+async def test_an_alias_into_an_unsigned_zone_uses_only_its_own_name(
+    dns_server: DnsServer, resolver: dns.asyncresolver.Resolver
+) -> None:
+    publish_alias(dns_server)
+    dns_server.add(TARGET_OWNER, "TLSA", EE_OTHER)
+    dns_server.add(OWNER, "TLSA", EE)
+    dns_server.secure(DOMAIN)  # provider.test is unsigned: the addresses are not validated
+    host = await only_host(dns_server)
+
+    result = await lookup_tlsa(resolver, host)
+
+    assert (host.dnssec, host.mx_dnssec, host.expanded_name) == (False, True, ALIAS_TARGET)
+    assert result == records(EE)
+    assert tlsa_questions(dns_server) == [OWNER]
+
+
+async def test_an_unsigned_alias_into_an_unsigned_zone_means_no_dane(
+    dns_server: DnsServer, resolver: dns.asyncresolver.Resolver
+) -> None:
+    publish_alias(dns_server)
+    dns_server.add(OWNER, "TLSA", EE)
+    dns_server.secure(DOMAIN)
+    dns_server.insecure(MX, subtree=False)
+
+    result = await lookup_tlsa(resolver, await only_host(dns_server))
+
+    assert result == NoDane(
+        f"{MX} is an alias of {ALIAS_TARGET} and neither its CNAME nor the address records "
+        "are DNSSEC-validated"
+    )
+    assert tlsa_questions(dns_server) == []
+
+
+async def test_trouble_at_the_alias_target_is_not_nothing_there(
+    dns_server: DnsServer, resolver: dns.asyncresolver.Resolver
+) -> None:
+    publish_alias(dns_server)
+    dns_server.add(OWNER, "TLSA", EE)
+    dns_server.secure(DOMAIN)
+    dns_server.secure("provider.test")
+    host = await only_host(dns_server)
+    dns_server.drop(TARGET_OWNER)
+
+    result = await lookup_tlsa(resolver, host)
+
+    assert result == DaneTrouble(f"TLSA lookup for {TARGET_OWNER} timed out")
+    assert tlsa_questions(dns_server) == [TARGET_OWNER]
+
+
+def test_reference_names() -> None:
+    host = MxHost(MX, 10, ("127.0.1.1",), True, True, expanded_name=ALIAS_TARGET)
+
+    assert reference_names("Example.ORG.", host, records(EE, base=ALIAS_TARGET)) == (
+        ALIAS_TARGET,
+        MX,
+        DOMAIN,
+    )
+    assert reference_names(DOMAIN, host, records(EE)) == (MX, DOMAIN)
+
+
+# -- TLSA records ----------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("text", "usable"),
+    [
+        (EE, True),
+        (tlsa_record(LEAF, 3, 0, 2), True),
+        (tlsa_record(TA.certificate, 2, 0, 0), True),
+        (tlsa_record(TA.certificate, 2, 1, 0), True),
+        (tlsa_record(LEAF, 1, 1, 1), False),  # PKIX-EE: not for SMTP (RFC 7672 §3.1.3)
+        (tlsa_record(LEAF, 0, 0, 1), False),  # PKIX-TA
+        ("3 1 1 abcd", False),  # too short for SHA2-256
+        ("3 1 2 " + "ab" * 32, False),  # a SHA2-256 length under SHA2-512
+        ("3 0 0 deadbeef", False),  # not a certificate
+        ("2 1 0 00", False),  # not a public key
+        ("3 2 1 " + "ab" * 32, False),  # no selector 2
+        ("3 1 3 " + "ab" * 32, False),  # no matching type 3
+        ("4 1 1 " + "ab" * 32, False),  # no usage 4
+    ],
+)
+def test_which_records_are_usable(text: str, usable: bool) -> None:
+    assert Tlsa.from_text(text).usable is usable
+
+
+def test_records_have_a_presentation_form() -> None:
+    full = Tlsa.from_text(tlsa_record(TA.certificate, 2, 0, 0))
+
+    assert str(Tlsa.from_text(EE)) == EE
+    assert Tlsa.from_text("3 1 1 AB CD") == Tlsa(3, 1, 1, b"\xab\xcd")
+    assert full.brief() == f"2 0 0 {full.data.hex()[:32]}...({len(full.data)} bytes)"
+    assert Tlsa.from_text(EE).brief() == EE
+    with pytest.raises(ValueError, match="not a TLSA record"):
+        Tlsa.from_text("3 1 one ab")
+
+
+# -- matching: DANE-EE(3) --------------------------------------------------------------------------
+
+NO_PATH = "no DANE-TA record names a certificate or key that the leaf chains to"
+NO_EE = "no DANE-EE record matches the leaf"
+
+
+def ee_match(text: str) -> DaneMatch:
+    return DaneMatch("dane-ee", Tlsa.from_text(text), f"DANE-EE {brief(text)} matches the leaf")
+
+
+def ta_match(text: str, anchor: str) -> DaneMatch:
+    return DaneMatch("dane-ta", Tlsa.from_text(text), f"DANE-TA {brief(text)}: chain to {anchor}")
+
+
+def mismatch(leaf: x509.Certificate, why: str, *texts: str) -> DaneMismatch:
+    return DaneMismatch(
+        f"certificate (leaf SHA-256 {sha256(leaf)}) does not match the TLSA records at {OWNER}: "
+        f"{why}; records: {', '.join(map(brief, texts))}"
+    )
+
+
+@pytest.mark.parametrize(("selector", "mtype"), [(1, 1), (0, 1), (1, 2), (0, 0), (1, 0)])
+def test_dane_ee_matches_the_leaf(selector: int, mtype: int) -> None:
+    record = tlsa_record(LEAF, 3, selector, mtype)
+
+    assert match(chain(ISSUED), records(record), NAMES, NOW) == ee_match(record)
+
+
+def test_dane_ee_matches_an_rsa_key() -> None:
+    issued = TA.issue([MX], key="rsa")
+    record = tlsa_record(issued.leaf, 3, 1, 1)
+
+    assert match(chain(issued), records(record), NAMES, NOW) == ee_match(record)
+
+
+def test_dane_ee_ignores_names_and_dates() -> None:
+    elsewhere = self_signed("elsewhere.example", not_before=NOW - 9 * DAY, not_after=NOW - DAY)
+    record = tlsa_record(elsewhere.leaf, 3, 1, 1)
+
+    assert match(chain(elsewhere), records(record), NAMES, NOW) == ee_match(record)
+
+
+def test_dane_ee_mismatch_names_the_owner_and_the_records() -> None:
+    result = match(chain(ISSUED), records(EE_OTHER), NAMES, NOW)
+
+    assert result == DaneMismatch(
+        f"certificate (leaf SHA-256 {sha256(LEAF)}) does not match the TLSA records at "
+        f"{OWNER}: no DANE-EE record matches the leaf; records: {EE_OTHER}"
+    )
+
+
+def test_dane_ee_matches_the_leaf_only() -> None:
+    record = tlsa_record(INTERMEDIATE.certificate, 3, 1, 1)
+
+    assert match(chain(ISSUED), records(record), NAMES, NOW) == mismatch(LEAF, NO_EE, record)
+
+
+def test_dane_ee_is_tried_before_dane_ta() -> None:
+    ta = tlsa_record(TA.certificate, 2, 0, 1)
+
+    assert match(chain(ISSUED), records(ta, EE), NAMES, NOW) == ee_match(EE)
+
+
+# -- matching: DANE-TA(2) --------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("anchor", "selector", "mtype"),
+    [(TA, 0, 1), (TA, 1, 1), (TA, 1, 2), (INTERMEDIATE, 0, 1)],
+    ids=["root-0-1", "root-1-1", "root-1-2", "intermediate-0-1"],
+)
+def test_dane_ta_matches_an_anchor_the_server_sent(
+    anchor: TestCA, selector: int, mtype: int
+) -> None:
+    record = tlsa_record(anchor.certificate, 2, selector, mtype)
+
+    result = match(chain(ISSUED), records(record), NAMES, NOW)
+
+    assert result == ta_match(record, anchor.certificate.subject.rfc4514_string())
+
+
+@pytest.mark.parametrize("name", [MX, DOMAIN, "*.example.org", "MX1.Example.Org"])
+def test_dane_ta_accepts_any_reference_name(name: str) -> None:
+    issued = TA.issue([name], chain="full")
+    record = tlsa_record(TA.certificate, 2, 0, 1)
+
+    result = match(chain(issued), records(record), NAMES, NOW)
+
+    assert result == ta_match(record, "CN=DANE trust anchor")
+
+
+@pytest.mark.parametrize(
+    "issued_to",
+    [
+        "mx2.example.org",
+        "*.mx1.example.org",  # "*" stands for one label only (RFC 6125 §6.4.3)
+        "*.org",
+        "m*.example.org",
+    ],
+)
+def test_dane_ta_refuses_a_certificate_for_another_name(issued_to: str) -> None:
+    issued = TA.issue([issued_to], chain="full")
+    record = tlsa_record(TA.certificate, 2, 0, 1)
+
+    result = match(chain(issued), records(record), NAMES, NOW)
+
+    why = f"the certificate is issued to {issued_to}, not to {MX} or {DOMAIN}"
+    assert result == mismatch(issued.leaf, why, record)
+
+
+@pytest.mark.parametrize(("selector", "anchor"), [(0, "CN=DANE trust anchor"), (1, "a public key")])
+def test_dane_ta_published_whole_may_be_left_out_of_the_chain(selector: int, anchor: str) -> None:
+    record = tlsa_record(TA.certificate, 2, selector, 0)
+
+    # RFC 7671 §5.2.2: the server sends leaf and intermediate, not the trust anchor.
+    result = match(chain(ISSUED, 2), records(record), NAMES, NOW)
+
+    assert result == ta_match(record, anchor)
+
+
+def test_an_intermediate_published_whole_may_be_left_out_too() -> None:
+    record = tlsa_record(INTERMEDIATE.certificate, 2, 0, 0)
+
+    result = match(chain(ISSUED, 1), records(record), NAMES, NOW)
+
+    assert result == ta_match(record, "CN=DANE intermediate")
+
+
+def test_a_bare_key_may_sign_the_leaf_itself() -> None:
+    issued = TA.issue([MX], chain="leaf")
+    record = tlsa_record(TA.certificate, 2, 1, 0)
+
+    assert match(chain(issued), records(record), NAMES, NOW) == ta_match(record, "a public key")
+
+
+def test_dane_ta_digest_needs_the_anchor_in_the_chain() -> None:
+    record = tlsa_record(TA.certificate, 2, 0, 1)
+
+    result = match(chain(ISSUED, 2), records(record), NAMES, NOW)
+
+    assert result == mismatch(LEAF, NO_PATH, record)
+
+
+def test_dane_ta_never_matches_the_leaf_itself() -> None:
+    record = tlsa_record(LEAF, 2, 0, 1)
+
+    assert match(chain(ISSUED), records(record), NAMES, NOW) == mismatch(LEAF, NO_PATH, record)
+
+
+def test_dane_ta_checks_the_leaf_dates() -> None:
+    expired = INTERMEDIATE.issue([MX], not_before=NOW - 9 * DAY, not_after=NOW - DAY, chain="full")
+    record = tlsa_record(TA.certificate, 2, 0, 1)
+    leaf = expired.leaf
+
+    result = match(chain(expired), records(record), NAMES, NOW)
+
+    why = (
+        f"certificate CN={MX} is valid from {leaf.not_valid_before_utc:%Y-%m-%d} "
+        f"to {leaf.not_valid_after_utc:%Y-%m-%d} only"
+    )
+    assert result == mismatch(leaf, why, record)
+
+
+def test_dane_ta_checks_the_intermediate_dates() -> None:
+    # The leaf outlives its issuer, which expires after a year, as the trust anchor does.
+    issued = INTERMEDIATE.issue([MX], not_after=NOW + 500 * DAY, chain="full")
+    record = tlsa_record(TA.certificate, 2, 0, 1)
+    ca = INTERMEDIATE.certificate
+
+    result = match(chain(issued), records(record), NAMES, NOW + 400 * DAY)
+
+    why = (
+        f"certificate CN=DANE intermediate is valid from {ca.not_valid_before_utc:%Y-%m-%d} "
+        f"to {ca.not_valid_after_utc:%Y-%m-%d} only"
+    )
+    assert result == mismatch(issued.leaf, why, record)
+
+
+def test_dane_ta_checks_signatures_not_names() -> None:
+    # An impostor CA with the trust anchor's name signs the leaf; the real anchor is sent along.
+    forged = TestCA("DANE trust anchor").issue([MX])
+    record = tlsa_record(TA.certificate, 2, 0, 1)
+    sent = [*chain(forged), TA.certificate.public_bytes(serialization.Encoding.DER)]
+
+    assert match(sent, records(record), NAMES, NOW) == mismatch(forged.leaf, NO_PATH, record)
+
+
+def certificate(
+    subject: str,
+    issuer: str,
+    key: ec.EllipticCurvePrivateKey,
+    *,
+    ca: bool,
+    eku: bool = True,
+    path_length: int | None = None,
+) -> tuple[x509.Certificate, ec.EllipticCurvePrivateKey]:
+    """A certificate made by hand, for shapes `TestCA` does not make, signed with `key`, and
+    its own key (`key` again where `subject` is `issuer`: self-signed)."""
+    own_key = key if subject == issuer else ec.generate_private_key(ec.SECP256R1())
+    builder = (
+        x509.CertificateBuilder()
+        .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, subject)]))
+        .issuer_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, issuer)]))
+        .public_key(own_key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(NOW - DAY)
+        .not_valid_after(NOW + DAY)
+        .add_extension(x509.BasicConstraints(ca=ca, path_length=path_length), critical=True)
+    )
+    if not ca:
+        builder = builder.add_extension(
+            x509.SubjectAlternativeName([x509.DNSName(subject)]), critical=False
+        ).add_extension(
+            x509.ExtendedKeyUsage(
+                [ExtendedKeyUsageOID.SERVER_AUTH if eku else ExtendedKeyUsageOID.CLIENT_AUTH]
+            ),
+            critical=False,
+        )
+    return builder.sign(key, hashes.SHA256()), own_key
+
+
+def der(cert: x509.Certificate) -> bytes:
+    return cert.public_bytes(serialization.Encoding.DER)
+
+
+def test_dane_ta_issuers_must_be_cas() -> None:
+    # The anchor is real, but it is a server certificate, which may sign nothing.
+    root_key = ec.generate_private_key(ec.SECP256R1())
+    root, _ = certificate("root", "root", root_key, ca=True)
+    not_a_ca, its_key = certificate("issuer.example.org", "root", root_key, ca=False)
+    leaf, _ = certificate(MX, "issuer.example.org", its_key, ca=False)
+    record = tlsa_record(not_a_ca, 2, 0, 1)
+
+    result = match([der(leaf), der(not_a_ca), der(root)], records(record), NAMES, NOW)
+
+    assert result == mismatch(leaf, NO_PATH, record)
+
+
+@pytest.mark.parametrize("limit", [0, 1])
+def test_dane_ta_honours_path_length_constraints(limit: int) -> None:
+    root_key = ec.generate_private_key(ec.SECP256R1())
+    root, _ = certificate("root", "root", root_key, ca=True, path_length=limit)
+    intermediate, intermediate_key = certificate("intermediate", "root", root_key, ca=True)
+    leaf, _ = certificate(MX, "intermediate", intermediate_key, ca=False)
+    record = tlsa_record(root, 2, 0, 1)
+
+    result = match([der(leaf), der(intermediate), der(root)], records(record), NAMES, NOW)
+
+    if limit:
+        assert result == ta_match(record, "CN=root")
+    else:
+        why = "certificate CN=root allows 0 intermediate CAs below it, not 1"
+        assert result == mismatch(leaf, why, record)
+
+
+def test_dane_ta_refuses_a_leaf_not_for_servers() -> None:
+    root_key = ec.generate_private_key(ec.SECP256R1())
+    root, _ = certificate("root", "root", root_key, ca=True)
+    client_only, _ = certificate(MX, "root", root_key, ca=False, eku=False)
+    server, _ = certificate(MX, "root", root_key, ca=False)
+    record = tlsa_record(root, 2, 0, 1)
+
+    refused = match([der(client_only), der(root)], records(record), NAMES, NOW)
+    accepted = match([der(server), der(root)], records(record), NAMES, NOW)
+
+    why = "the leaf certificate is not for TLS servers (extended key usage)"
+    assert refused == mismatch(client_only, why, record)
+    assert accepted == ta_match(record, "CN=root")
+
+
+def test_dane_ta_finds_its_way_through_a_chain_out_of_order() -> None:
+    leaf, intermediate, root = chain(ISSUED)
+    unrelated = OTHER.public_bytes(serialization.Encoding.DER)
+    record = tlsa_record(TA.certificate, 2, 1, 1)
+
+    result = match([leaf, root, unrelated, intermediate], records(record), NAMES, NOW)
+
+    assert result == ta_match(record, "CN=DANE trust anchor")
+
+
+# -- matching: what must never raise ---------------------------------------------------------------
+
+
+def test_no_usable_records_is_a_mismatch() -> None:
+    pkix = tlsa_record(LEAF, 1, 1, 1)
+
+    assert match(chain(ISSUED), records(pkix, "3 1 1 abcd"), NAMES, NOW) == DaneMismatch(
+        f"no usable TLSA records at {OWNER} ({pkix}, 3 1 1 abcd)"
+    )
+
+
+def test_garbage_records_beside_a_good_one_do_no_harm() -> None:
+    garbage = ("3 0 0 deadbeef", "2 1 0 00", "2 0 0 3082", "3 1 1 abcd", "2 9 9 00")
+
+    assert match(chain(ISSUED), records(*garbage, EE), NAMES, NOW) == ee_match(EE)
+
+
+def test_no_certificate_is_a_mismatch() -> None:
+    assert match([], records(EE), NAMES, NOW) == DaneMismatch(
+        f"the server sent no certificate; TLSA at {OWNER}: {EE}"
+    )
+
+
+@pytest.mark.parametrize("position", [0, 1])
+def test_an_unreadable_certificate_is_a_mismatch(position: int) -> None:
+    sent = chain(ISSUED)
+    sent[position] = b"\x30\x03\x02\x01\x01"
+
+    assert match(sent, records(EE), NAMES, NOW) == DaneMismatch(
+        f"certificate {position + 1} of the 3 the server sent is unreadable; TLSA: {EE}"
+    )
+
+
+def test_only_the_strongest_digest_counts() -> None:
+    # RFC 7671 §9: a SHA2-512 record makes SHA2-256 records of the same usage and selector moot.
+    sha512_other = tlsa_record(OTHER, 3, 1, 2)
+    sha512_leaf = tlsa_record(LEAF, 3, 1, 2)
+
+    weaker_matches = match(chain(ISSUED), records(EE, sha512_other), NAMES, NOW)
+    stronger_matches = match(chain(ISSUED), records(EE_OTHER, sha512_leaf), NAMES, NOW)
+
+    assert weaker_matches == mismatch(LEAF, NO_EE, EE, sha512_other)
+    assert stronger_matches == ee_match(sha512_leaf)
+
+
+# -- end to end: DNS, lookup, SNI, the chain as sent -----------------------------------------------
+
+
+async def handshake_chain(address: tuple[str, int], sni: str) -> list[bytes]:
+    """EHLO, STARTTLS, a handshake that verifies nothing (as delivery does), and the chain."""
+    reader, writer = await asyncio.open_connection(*address)
+    try:
+        await reader.readline()
+        writer.write(b"EHLO client.test\r\n")
+        while (await reader.readline())[3:4] == b"-":
+            pass
+        writer.write(b"STARTTLS\r\n")
+        assert (await reader.readline()).startswith(b"220")
+        ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+        ctx.check_hostname = False
+        ctx.verify_mode = ssl.CERT_NONE
+        await writer.start_tls(ctx, server_hostname=sni)
+        tls = writer.get_extra_info("ssl_object")
+        # Python 3.11 has the chain as sent only on the private object (3.13: public), and
+        # typeshed declares neither it nor _ssl.ENCODING_DER (2).
+        sent = tls._sslobj.get_unverified_chain()
+        return [c.public_bytes(2) for c in sent]
+    finally:
+        writer.close()
+        with contextlib.suppress(Exception):
+            await writer.wait_closed()
+
+
+async def test_dane_ta_end_to_end_with_a_private_trust_anchor(tmp_path: Path) -> None:
+    async with World(tmp_path, smtp_port=SMTP_PORT) as world:
+        issued = INTERMEDIATE.issue([MX])  # leaf and intermediate; the anchor is in DNS only
+        mx = await world.add_mx(DOMAIN, MODERN, issued=issued)
+        world.dns.add(OWNER, "TLSA", tlsa_record(TA.certificate, 2, 1, 0))
+        world.dns.secure(DOMAIN)
+        mx_resolver = MxResolver(world.nameservers, timeout=SHORT_TIMEOUT)
+        found = await mx_resolver.resolve_mx(DOMAIN)
+        assert isinstance(found, list)
+        [host] = found
+
+        dane = await lookup_tlsa(make_resolver(world.nameservers, SHORT_TIMEOUT), host)
+        assert isinstance(dane, DaneRecords)
+        sent = await handshake_chain(mx.address, dane.base_domain)
+        result = match(sent, dane, reference_names(DOMAIN, host, dane), dt.datetime.now(dt.UTC))
+        await mx.wait_until(lambda s: s.connections[0].closed)
+
+    assert mx.connections[0].sni == MX
+    assert sent == issued.chain_der
+    assert result == DaneMatch(
+        "dane-ta", dane.records[0], f"DANE-TA {dane.records[0].brief()}: chain to a public key"
+    )
