@@ -52,6 +52,7 @@ class Refusal:
     detail: str  # "negotiated TLSv1.0", "certificate not accepted: ..."
     policy: str
     verified: bool | None = None
+    policy_detail: str | None = None  # what asked for the check, e.g. the MTA-STS policy id
 
 
 Judgement = Accepted | Refusal
@@ -108,7 +109,7 @@ class WebPki:
         detail = f"certificate not accepted: {why}"
         if self.detail:
             detail += f" ({self.detail})"
-        return Refusal(self.reason, detail, self.label, verified=False)
+        return Refusal(self.reason, detail, self.label, False, self.detail)
 
 
 @dataclass(frozen=True)
@@ -129,7 +130,9 @@ class TlsRequirement:
             return judgement
         grade = ciphers.grade(self.profile, handshake.protocol, handshake.cipher)
         if isinstance(grade, ciphers.Refused):
-            return Refusal(grade.reason, grade.detail, judgement.policy, judgement.verified)
+            return Refusal(
+                grade.reason, grade.detail, judgement.policy, judgement.verified, judgement.detail
+            )
         return judgement
 
 

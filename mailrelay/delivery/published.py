@@ -104,13 +104,17 @@ class StsDomain:
         if policy is None or policy.mode == "none":
             return route
         host = route.host
-        note = f"id={policy.policy_id} mode={policy.mode}"
+        note = f"MTA-STS policy id={policy.policy_id}"
         webpki = WebPki(
             (host.name,), self.ca_file, "mta-sts", f"MTA-STS policy id={policy.policy_id}",
             Insecure.MTA_STS,
         )  # fmt: skip
         if not policy.matches(host.name):
-            why = f"not an MX host of the MTA-STS policy ({note}, mx: {', '.join(policy.mx)})"
+            listed = ", ".join(policy.mx)
+            why = (
+                f"not an MX host of the MTA-STS policy"
+                f" (id={policy.policy_id} mode={policy.mode}, mx: {listed})"
+            )
             if policy.mode == "enforce":
                 self._failed(policy, "mx_mismatch")
                 return Route(

@@ -259,7 +259,7 @@ def _facts(handshake: Handshake, judgement: Accepted | Refusal) -> TlsFacts:
     if isinstance(judgement, Accepted):
         verified, error, detail = judgement.verified, judgement.verify_error, judgement.detail
     else:
-        verified, error, detail = judgement.verified, judgement.detail, None
+        verified, error, detail = judgement.verified, judgement.detail, judgement.policy_detail
     return TlsFacts(
         handshake.protocol,
         handshake.cipher,

@@ -15,7 +15,6 @@ from argon2.exceptions import InvalidHashError, VerificationError
 _hasher = PasswordHasher()
 
 
-
 @functools.cache
 def _dummy_hash() -> str:
     """Verifying against this when the user does not exist costs the same time as a real check,

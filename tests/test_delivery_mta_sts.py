@@ -1,0 +1,490 @@
+"""MTA-STS end to end: a real relay delivering to the STARTTLS MX servers of a loopback world,
+told what the recipient domain requires by a real `_mta-sts` TXT record and a real HTTPS policy
+host. An enforced policy refuses MX names it does not list and certificates that fail WebPKI,
+and those recipients wait rather than bounce; a cached policy outlives a failing policy host and
+a restart."""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import time
+from collections.abc import AsyncIterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from mailrelay.store import queue
+from tests.conftest import Relay, RelayFactory, add_user, make_config
+from tests.test_delivery import BODY_MARKER, dsn_status, dsns, settled, submit, untouched
+from tests.world import EXPIRED_CERT, MODERN, TLS12_SELF_SIGNED, WRONG_HOST_CERT, Behaviour, World
+from tests.world.https import PolicyServer, Reply, policy_text, serve_policy
+from tests.world.mx import MxServer
+
+SMTP_PORT = 25320  # this file's own port
+FIRST_ADDRESS = "127.0.32.1"  # this file's MX servers: 127.0.32.x
+POLICY_ADDRESS = "127.0.33.1"  # and its policy host
+DOMAIN = "sts.example"
+RCPT = f"bob@{DOMAIN}"
+MX1 = f"mx1.{DOMAIN}"
+MX2 = f"mx2.{DOMAIN}"
+ENFORCE_MX1 = policy_text("enforce", (MX1,))
+TLS13 = ("TLSv1.3", "TLS_AES_256_GCM_SHA384")
+FETCH_ERROR = "sts-policy-fetch-error"
+
+
+def not_listed(host: str, policy_id: str = "1", listed: str = MX1) -> str:
+    """The diagnostic for an MX an enforced policy does not name."""
+    return (
+        f"{host}: not an MX host of the MTA-STS policy (id={policy_id} mode=enforce, mx: {listed})"
+    )
+
+
+@dataclasses.dataclass
+class Env:
+    tmp_path: Path
+    world: World
+    relay_factory: RelayFactory
+    servers: list[PolicyServer] = dataclasses.field(default_factory=list)
+
+    async def serve(self, reply: Reply | str, policy_id: str | None = "1") -> PolicyServer:
+        """mta-sts.sts.example, with "v=STSv1; id=<policy_id>" published unless None."""
+        server = await serve_policy(
+            self.world, DOMAIN, reply, address=POLICY_ADDRESS, policy_id=policy_id
+        )
+        self.servers.append(server)
+        return server
+
+    def publish_id(self, policy_id: str) -> None:
+        self.world.dns.remove(f"_mta-sts.{DOMAIN}", "TXT")
+        self.world.dns.add(f"_mta-sts.{DOMAIN}", "TXT", f"v=STSv1; id={policy_id}")
+
+    async def add_mx(
+        self, hostname: str, behaviour: Behaviour = MODERN, preference: int = 10
+    ) -> MxServer:
+        # TTL 0: the relay's MX cache must see an MX record changed in the middle of a test.
+        return await self.world.add_mx(
+            DOMAIN, behaviour, hostname=hostname, preference=preference, ttl=0
+        )
+
+    def move_mx(self, hostname: str) -> None:
+        """Point the domain's MX record at `hostname` alone (already started with add_mx)."""
+        self.world.dns.remove(DOMAIN, "MX")
+        self.world.dns.add(DOMAIN, "MX", f"10 {hostname}.", ttl=0)
+
+    async def relay(self, policy_port: int, **delivery: Any) -> Relay:
+        cfg = make_config(
+            self.tmp_path,
+            delivery={
+                "hold": False,
+                "port": SMTP_PORT,
+                "nameservers": self.world.nameservers,
+                "ca_file": str(self.world.ca_file),
+                "dns_timeout": 1,
+                "connect_timeout": 5,
+                "command_timeout": 10,
+                "mta_sts_port": policy_port,
+                "mta_sts_timeout": 2,
+                **delivery,
+            },
+        )
+        add_user(cfg, "alice@example.org")
+        return await self.relay_factory(cfg)
+
+
+@pytest.fixture
+async def env(tmp_path: Path, relay_factory: RelayFactory) -> AsyncIterator[Env]:
+    async with World(tmp_path / "world", smtp_port=SMTP_PORT, first_address=FIRST_ADDRESS) as world:
+        # The sender's own domain, which receives the bounces; it publishes no policy.
+        await world.add_mx("example.org", MODERN)
+        e = Env(tmp_path, world, relay_factory)
+        yield e
+        for server in e.servers:
+            await server.stop()
+
+
+async def send(relay: Relay, state: str = "sent") -> dict[str, Any]:
+    """Submit one message to RCPT; once its attempt is recorded, check that the recipient ended
+    in `state` and return its row."""
+    queue_id = await asyncio.to_thread(submit, relay, [RCPT])
+    msg = await settled(relay, queue_id, lambda r: r["state"] in ("sent", "deferred", "bounced"))
+    [row] = msg["recipients"]
+    assert isinstance(row, dict)
+    assert row["state"] == state, row
+    return row
+
+
+def failures(relay: Relay, reason: str) -> float:
+    counter = relay.service.metrics.smtp_tls_policy_failures.labels(policy="mta-sts", reason=reason)
+    return float(counter._value.get())
+
+
+def tls_sessions(relay: Relay, policy: str, trust: str = "verified") -> float:
+    counter = relay.service.metrics.smtp_tls_connections.labels(
+        protocol=TLS13[0], cipher=TLS13[1], trust=trust, policy=policy
+    )
+    return float(counter._value.get())
+
+
+def refused_before_connecting(
+    attempt: dict[str, Any], host: str, policy_id: str = "1", listed: str = MX1
+) -> None:
+    """The evidence of an MX an enforced policy refused by name: no address was dialled."""
+    assert attempt == {
+        "at": attempt["at"],
+        "mx_host": host,
+        "mx_address": None,
+        "reply": not_listed(host, policy_id, listed),
+        "tls_protocol": None,
+        "tls_cipher": None,
+        "cert_fingerprint": None,
+        "cert_verified": None,
+        "policy": "mta-sts",
+        "policy_detail": f"MTA-STS policy id={policy_id}",
+        "verdict": "insecure",
+    }
+
+
+def never_connected(mx: MxServer) -> None:
+    assert mx.connections == []
+
+
+def sent_under_policy(attempt: dict[str, Any], mx: MxServer, policy_id: str = "1") -> None:
+    assert attempt["verdict"] == "sent"
+    assert (attempt["mx_host"], attempt["mx_address"]) == (mx.hostname, mx.address[0])
+    assert (attempt["tls_protocol"], attempt["tls_cipher"]) == TLS13
+    assert attempt["cert_verified"] is True
+    assert (attempt["policy"], attempt["policy_detail"]) == (
+        "mta-sts",
+        f"MTA-STS policy id={policy_id}",
+    )
+
+
+# -- enforce ---------------------------------------------------------------------------------------
+
+
+async def test_enforced_policy_delivers_to_a_listed_mx_with_a_valid_certificate(env: Env) -> None:
+    mx1 = await env.add_mx(MX1)
+    server = await env.serve(ENFORCE_MX1)
+    relay = await env.relay(server.port)
+
+    row = await send(relay)
+
+    assert row["status"] == "2.0.0"
+    [attempt] = row["delivery_attempts"]
+    sent_under_policy(attempt, mx1)
+    [message] = mx1.messages
+    assert message.tls and message.rcpt_tos == (RCPT,) and BODY_MARKER in message.data
+    assert not mx1.received_message_bytes_before_tls
+    assert [c.sni for c in mx1.connections] == [MX1]
+    [request] = server.requests
+    assert (request.path, request.sni) == ("/.well-known/mta-sts.txt", f"mta-sts.{DOMAIN}")
+    assert tls_sessions(relay, "mta-sts") == 1
+    assert tls_sessions(relay, "encrypt") == 0
+
+
+async def test_an_unlisted_mx_is_skipped_for_a_listed_one(env: Env) -> None:
+    # Preferred by its number, but not in the policy: an attacker's MX record looks like this.
+    unlisted = await env.add_mx(MX2, preference=5)
+    listed = await env.add_mx(MX1, preference=20)
+    server = await env.serve(ENFORCE_MX1)
+    relay = await env.relay(server.port)
+
+    row = await send(relay)
+
+    never_connected(unlisted)
+    refusal, sent = row["delivery_attempts"]
+    refused_before_connecting(refusal, MX2)
+    sent_under_policy(sent, listed)
+    assert [m.rcpt_tos for m in listed.messages] == [(RCPT,)]
+    assert failures(relay, "mx_mismatch") == 1
+
+
+async def test_only_unlisted_mx_defers_without_connecting(env: Env) -> None:
+    unlisted = await env.add_mx(MX2)
+    server = await env.serve(ENFORCE_MX1)
+    relay = await env.relay(server.port)
+
+    row = await send(relay, "deferred")
+
+    assert (row["status"], row["reply"]) == ("4.7.5", not_listed(MX2))
+    assert row["next_attempt_at"] > time.time() + 200  # the usual retry schedule, not a bounce
+    [attempt] = row["delivery_attempts"]
+    refused_before_connecting(attempt, MX2)
+    never_connected(unlisted)
+    assert failures(relay, "mx_mismatch") == 1
+    assert dsns(env.world.servers[0]) == []
+
+
+@pytest.mark.parametrize(
+    ("behaviour", "why"),
+    [
+        (EXPIRED_CERT, "certificate has expired (notAfter "),
+        (
+            WRONG_HOST_CERT,
+            f"hostname mismatch: the certificate names wrong-host.invalid, not {MX1}",
+        ),
+        (TLS12_SELF_SIGNED, "self-signed certificate"),
+    ],
+    ids=["expired", "wrong-host", "self-signed"],
+)
+async def test_listed_mx_with_an_invalid_certificate_defers_before_mail_from(
+    env: Env, behaviour: Behaviour, why: str
+) -> None:
+    mx1 = await env.add_mx(MX1, behaviour)
+    server = await env.serve(ENFORCE_MX1)
+    relay = await env.relay(server.port)
+
+    row = await send(relay, "deferred")
+
+    where = f"{MX1}[{mx1.address[0]}]"
+    assert row["status"] == "4.7.5"
+    assert row["reply"].startswith(f"{where}: certificate not accepted: {why}")
+    assert row["reply"].endswith(" (MTA-STS policy id=1)")
+    [attempt] = row["delivery_attempts"]
+    assert (attempt["verdict"], attempt["policy"], attempt["cert_verified"]) == (
+        "insecure",
+        "mta-sts",
+        False,
+    )
+    assert attempt["policy_detail"] == "MTA-STS policy id=1"
+    assert attempt["reply"] == row["reply"]
+    assert attempt["tls_protocol"] is not None and len(attempt["cert_fingerprint"]) == 64
+    # The handshake happened; over it went only QUIT.
+    [connection] = mx1.connections
+    assert connection.tls is not None
+    assert [(c.line.split()[0].upper(), c.tls) for c in connection.commands] == [
+        ("EHLO", False),
+        ("STARTTLS", False),
+        ("QUIT", True),
+    ]
+    untouched(mx1)
+    assert failures(relay, "certificate") == 1
+    assert tls_sessions(relay, "mta-sts") == 0
+
+
+# -- testing ---------------------------------------------------------------------------------------
+
+
+async def test_testing_mode_delivers_and_records_what_enforce_would_refuse(env: Env) -> None:
+    mx1 = await env.add_mx(MX1, TLS12_SELF_SIGNED)
+    server = await env.serve(policy_text("testing", (MX1,)))
+    relay = await env.relay(server.port)
+
+    row = await send(relay)
+
+    [attempt] = row["delivery_attempts"]
+    assert (attempt["verdict"], attempt["policy"], attempt["cert_verified"]) == (
+        "sent",
+        "encrypt",
+        False,
+    )
+    assert attempt["policy_detail"] == (
+        "mta-sts testing id=1: enforce would refuse: certificate not accepted:"
+        " self-signed certificate (MTA-STS policy id=1)"
+    )
+    assert [m.rcpt_tos for m in mx1.messages] == [(RCPT,)]
+
+
+async def test_testing_mode_delivers_to_an_unlisted_mx_and_says_so(env: Env) -> None:
+    mx2 = await env.add_mx(MX2)
+    server = await env.serve(policy_text("testing", (MX1,)))
+    relay = await env.relay(server.port)
+
+    row = await send(relay)
+
+    [attempt] = row["delivery_attempts"]
+    assert (attempt["verdict"], attempt["policy"], attempt["cert_verified"]) == (
+        "sent",
+        "encrypt",
+        True,
+    )
+    assert attempt["policy_detail"] == (
+        "mta-sts testing id=1: enforce would refuse: not an MX host of the MTA-STS policy"
+        f" (id=1 mode=testing, mx: {MX1})"
+    )
+    assert [m.rcpt_tos for m in mx2.messages] == [(RCPT,)]
+    assert failures(relay, "mx_mismatch") == 0  # testing reports, it does not fail
+
+
+# -- when the policy host fails --------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("down", [False, True], ids=["404", "down"])
+async def test_failed_fetch_without_a_cached_policy_delivers_as_configured(
+    env: Env, down: bool
+) -> None:
+    # A self-signed MX: only "encrypt" accepts it, so delivery shows no policy was applied.
+    mx1 = await env.add_mx(MX1, TLS12_SELF_SIGNED)
+    server = await env.serve(Reply(status=404, body="not here\n"))
+    if down:
+        await server.stop()
+    relay = await env.relay(server.port)
+
+    row = await send(relay)
+
+    [attempt] = row["delivery_attempts"]
+    assert (attempt["verdict"], attempt["policy"], attempt["policy_detail"]) == (
+        "sent",
+        "encrypt",
+        None,
+    )
+    assert [m.rcpt_tos for m in mx1.messages] == [(RCPT,)]
+    assert len(server.requests) == (0 if down else 1)
+    assert failures(relay, FETCH_ERROR) == 1
+
+
+async def test_failed_fetch_of_a_new_id_keeps_the_cached_policy_in_force(env: Env) -> None:
+    mx1 = await env.add_mx(MX1)
+    mx2 = await env.add_mx(MX2)
+    env.move_mx(MX1)
+    server = await env.serve(ENFORCE_MX1)
+    relay = await env.relay(server.port)
+    await send(relay)
+
+    # A new id, a policy host that fails, and MX records now naming a host the cached policy
+    # does not list: the shape of an attack on the policy; it must not downgrade delivery.
+    env.publish_id("2")
+    server.reply = Reply(status=500, body=policy_text("enforce", (MX2,)))
+    env.move_mx(MX2)
+    row = await send(relay, "deferred")
+
+    assert (row["status"], row["reply"]) == ("4.7.5", not_listed(MX2))
+    [attempt] = row["delivery_attempts"]
+    refused_before_connecting(attempt, MX2)
+    never_connected(mx2)
+    assert len(server.requests) == 2  # it did try the new id
+    assert failures(relay, FETCH_ERROR) == 1
+    assert failures(relay, "mx_mismatch") == 1
+    assert [m.rcpt_tos for m in mx1.messages] == [(RCPT,)]
+
+
+# -- the policy changes ----------------------------------------------------------------------------
+
+
+async def test_a_new_policy_id_is_fetched_and_applies(env: Env) -> None:
+    mx1 = await env.add_mx(MX1, preference=10)
+    mx2 = await env.add_mx(MX2, preference=20)
+    server = await env.serve(ENFORCE_MX1)
+    relay = await env.relay(server.port)
+    first = await send(relay)
+    sent_under_policy(first["delivery_attempts"][-1], mx1)
+
+    env.publish_id("2")
+    server.reply = Reply(body=policy_text("enforce", (MX2,)))
+    second = await send(relay)
+
+    refusal, sent = second["delivery_attempts"]
+    refused_before_connecting(refusal, MX1, "2", listed=MX2)
+    sent_under_policy(sent, mx2, "2")
+    assert [m.rcpt_tos for m in mx1.messages] == [(RCPT,)]  # the first message only
+    assert [m.rcpt_tos for m in mx2.messages] == [(RCPT,)]
+    assert len(server.requests) == 2
+
+
+async def test_cached_policy_survives_a_restart_with_the_policy_host_down(env: Env) -> None:
+    mx1 = await env.add_mx(MX1)
+    mx2 = await env.add_mx(MX2)
+    env.move_mx(MX1)
+    server = await env.serve(ENFORCE_MX1)
+    relay = await env.relay(server.port)
+    await send(relay)
+    await relay.service.stop()
+    await server.stop()
+
+    env.move_mx(MX2)
+    again = await env.relay_factory(relay.config)
+    row = await send(again, "deferred")
+
+    assert (row["status"], row["reply"]) == ("4.7.5", not_listed(MX2))
+    [attempt] = row["delivery_attempts"]
+    refused_before_connecting(attempt, MX2)
+    never_connected(mx2)
+    assert len(server.requests) == 1  # the id is unchanged: the cache answered
+    assert [m.rcpt_tos for m in mx1.messages] == [(RCPT,)]
+
+
+async def test_a_session_pooled_before_the_policy_appeared_is_not_used_under_it(
+    env: Env,
+) -> None:
+    mx1 = await env.add_mx(MX1, TLS12_SELF_SIGNED)
+    server = await env.serve(ENFORCE_MX1, policy_id=None)
+    relay = await env.relay(server.port)
+    first = await send(relay)
+    assert first["delivery_attempts"][-1]["policy"] == "encrypt"
+
+    # The domain publishes an enforced policy while the relay holds an idle session to mx1
+    # that only "encrypt" accepted: that session must not carry the next message.
+    env.publish_id("1")
+    row = await send(relay, "deferred")
+
+    assert row["status"] == "4.7.5"
+    assert row["reply"] == (
+        f"{MX1}[{mx1.address[0]}]: certificate not accepted: self-signed certificate"
+        " (MTA-STS policy id=1)"
+    )
+    assert [m.rcpt_tos for m in mx1.all_messages] == [(RCPT,)]
+    assert [c.line.split()[0].upper() for c in mx1.commands].count("MAIL") == 1
+    assert len(mx1.connections) == 2  # a new connection, judged under the policy
+    assert len(server.requests) == 1
+
+
+async def test_a_none_policy_replaces_a_cached_enforced_one(env: Env) -> None:
+    mx1 = await env.add_mx(MX1)
+    mx2 = await env.add_mx(MX2, TLS12_SELF_SIGNED)
+    env.move_mx(MX1)
+    server = await env.serve(ENFORCE_MX1)
+    relay = await env.relay(server.port)
+    await send(relay)
+
+    # RFC 8461 §8.3: how a domain withdraws its policy. Mail then goes as configured.
+    env.publish_id("2")
+    server.reply = Reply(body=policy_text("none", ()))
+    env.move_mx(MX2)
+    row = await send(relay)
+
+    [attempt] = row["delivery_attempts"]
+    assert (attempt["mx_host"], attempt["policy"], attempt["policy_detail"]) == (
+        MX2,
+        "encrypt",
+        None,
+    )
+    assert [m.rcpt_tos for m in mx1.messages] == [(RCPT,)]
+    assert [m.rcpt_tos for m in mx2.messages] == [(RCPT,)]
+    assert failures(relay, "mx_mismatch") == 0
+
+
+# -- the queue lifetime ----------------------------------------------------------------------------
+
+
+async def test_deferral_past_the_queue_lifetime_bounces_with_the_policy_failure(env: Env) -> None:
+    unlisted = await env.add_mx(MX2)
+    server = await env.serve(ENFORCE_MX1)
+    relay = await env.relay(server.port, max_queue_lifetime="1s")
+    queue_id = await asyncio.to_thread(submit, relay, [RCPT])
+    await settled(relay, queue_id, lambda r: r["state"] == "deferred")
+
+    await asyncio.sleep(1.1)  # let the queue lifetime run out (not an assertion on timing)
+    conn = relay.db()
+    with queue.transaction(conn):
+        assert queue.retry(conn, queue_id, time.time()) == 1
+    msg = await settled(relay, queue_id, lambda r: r["state"] == "bounced")
+
+    [row] = msg["recipients"]
+    assert (row["status"], row["reply"]) == ("5.7.5", not_listed(MX2))
+    assert [a["verdict"] for a in row["delivery_attempts"]] == ["insecure", "insecure"]
+    never_connected(unlisted)
+    home = env.world.servers[0]
+    await home.wait_until(lambda s: len(dsns(s)) == 1)
+    [report] = dsns(home)
+    [block] = dsn_status(report)
+    assert block == {
+        "Final-Recipient": f"rfc822; {RCPT}",
+        "Action": "failed",
+        "Status": "5.7.5",
+        "Remote-MTA": f"dns; {MX2}",
+        "Diagnostic-Code": f"X-mailrelay; {not_listed(MX2)}",
+        "Last-Attempt-Date": block["Last-Attempt-Date"],
+    }
+    assert BODY_MARKER not in report.as_bytes()
