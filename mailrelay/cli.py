@@ -430,6 +430,11 @@ def _queue_show(cfg: Config, args: argparse.Namespace) -> int:
 def _event_detail(e: dict[str, Any]) -> str:
     tls = "/".join(e[k] for k in ("tls_protocol", "tls_cipher") if e[k])
     detail = (f", mx={e['mx']}" if e["mx"] else "") + (f", tls={tls}" if tls else "")
+    if e.get("policy"):
+        # The evidence of how the session was authenticated: dane-ee with the TLSA record,
+        # mta-sts with the policy id, verify, or encrypt.
+        how = f" [{_safe(e['policy_detail'])}]" if e.get("policy_detail") else ""
+        detail += f", policy={e['policy']}{how}"
     return detail + (f" ({_safe(e['reply'])})" if e["reply"] else "")
 
 

@@ -39,6 +39,7 @@ BAD_RCPT_REPLY = "501 5.1.3 Bad address syntax"
 FROM_NOT_OWNED_REPLY = "553 5.7.1 From: header address not owned by the authenticated user"
 EVENT_KEYS = {
     "at", "queue_id", "recipient", "domain", "event", "mx", "reply", "tls_protocol", "tls_cipher",
+    "policy", "policy_detail",
 }  # fmt: skip
 
 Sample = tuple[str, tuple[tuple[str, str], ...]]
@@ -334,6 +335,8 @@ async def test_log_tells_a_real_delivery_newest_first_and_pages(
         "reply": "2.0.0 smtp; 250 2.0.0 Message accepted",
         "tls_protocol": "TLSv1.3",
         "tls_cipher": "TLS_AES_256_GCM_SHA384",
+        "policy": "encrypt",
+        "policy_detail": None,
     }
     assert page["events"][-1]["at"] <= delivered["at"] < middle
 
@@ -367,7 +370,8 @@ async def test_log_tells_a_real_delivery_newest_first_and_pages(
     assert (status, out) == (
         0,
         f"{when(newest['at'])} {second}: to=<{newest['recipient']}>, DELIVERED, mx={mx.hostname},"
-        " tls=TLSv1.3/TLS_AES_256_GCM_SHA384 (2.0.0 smtp; 250 2.0.0 Message accepted)\n",
+        " tls=TLSv1.3/TLS_AES_256_GCM_SHA384, policy=encrypt"
+        " (2.0.0 smtp; 250 2.0.0 Message accepted)\n",
     )
     cursor = log_json(relay, capsys, "--domain", "tls13.example", "--limit", "1")["next_cursor"]
     assert err == f"more: --cursor {cursor}\n"
@@ -446,6 +450,8 @@ async def test_refusals_at_submission_are_recorded(
         "reply": BAD_RCPT_REPLY,
         "tls_protocol": None,
         "tls_cipher": None,
+        "policy": None,
+        "policy_detail": None,
     }
     assert run_cli(relay, capsys, "queue", "show", accepted) == (
         0,

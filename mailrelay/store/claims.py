@@ -169,6 +169,8 @@ def record(
             reply=f"{u.status} {u.diagnostic}",
             tls_protocol=last.tls_protocol if last else None,
             tls_cipher=last.tls_cipher if last else None,
+            policy=last.policy if last else None,
+            policy_detail=last.policy_detail if last else None,
         )
     purge_if_done(conn, message_id)
 

@@ -107,6 +107,8 @@ MIGRATIONS: tuple[str, ...] = (
     ALTER TABLE attempts ADD COLUMN policy TEXT;
     ALTER TABLE attempts ADD COLUMN policy_detail TEXT;
     ALTER TABLE recipients ADD COLUMN claimed_at REAL;
+    ALTER TABLE events ADD COLUMN policy TEXT;
+    ALTER TABLE events ADD COLUMN policy_detail TEXT;
     CREATE TABLE sts_policies (
         domain TEXT PRIMARY KEY,
         policy_id TEXT NOT NULL,              -- the id of the _mta-sts TXT record it came with

@@ -19,7 +19,11 @@ from mailrelay.store.queue import EventName
 
 EVENTS: tuple[str, ...] = get_args(EventName)
 
-_COLUMNS = "id, at, message_id, recipient, domain, event, mx, reply, tls_protocol, tls_cipher"
+_COLUMNS = (
+    "id, at, message_id, recipient, domain, event, mx, reply, tls_protocol, tls_cipher, policy,"
+    " policy_detail"
+)
+_STORY = ("at", "event", "mx", "reply", "tls_protocol", "tls_cipher", "policy", "policy_detail")
 _DURATION = re.compile(r"(\d+)\s*([smhdw])")
 _UNIT_SECONDS = {"s": 1, "m": 60, "h": 3600, "d": 86400, "w": 7 * 86400}
 
@@ -97,6 +101,8 @@ def _event(row: sqlite3.Row) -> dict[str, Any]:
         "reply": row["reply"],
         "tls_protocol": row["tls_protocol"],
         "tls_cipher": row["tls_cipher"],
+        "policy": row["policy"],
+        "policy_detail": row["policy_detail"],
     }
 
 
@@ -157,7 +163,5 @@ def story(conn: sqlite3.Connection, queue_id: str) -> dict[str, Any] | None:
 def _by_recipient(rows: list[sqlite3.Row]) -> list[dict[str, Any]]:
     grouped: dict[str, list[dict[str, Any]]] = {}
     for r in rows:
-        grouped.setdefault(r["recipient"], []).append(
-            {k: r[k] for k in ("at", "event", "mx", "reply", "tls_protocol", "tls_cipher")}
-        )
+        grouped.setdefault(r["recipient"], []).append({k: r[k] for k in _STORY})
     return [{"address": a, "events": e} for a, e in grouped.items()]

@@ -97,10 +97,12 @@ def add_event(
     reply: str | None = None,
     tls_protocol: str | None = None,
     tls_cipher: str | None = None,
+    policy: str | None = None,
+    policy_detail: str | None = None,
 ) -> None:
     conn.execute(
         "INSERT INTO events (at, message_id, recipient, domain, event, mx, reply, tls_protocol,"
-        " tls_cipher) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
+        " tls_cipher, policy, policy_detail) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
         (
             at,
             message_id,
@@ -111,6 +113,8 @@ def add_event(
             reply,
             tls_protocol,
             tls_cipher,
+            policy,
+            policy_detail,
         ),
     )
 
@@ -164,7 +168,8 @@ def show(conn: sqlite3.Connection, message_id: str) -> dict[str, object] | None:
         events = [
             dict(e)
             for e in conn.execute(
-                "SELECT at, event, mx, reply, tls_protocol, tls_cipher FROM events"
+                "SELECT at, event, mx, reply, tls_protocol, tls_cipher, policy, policy_detail"
+                " FROM events"
                 " WHERE message_id = ? AND recipient = ? ORDER BY id",
                 (msg["id"], r["address"]),
             )
