@@ -39,7 +39,9 @@ class Accepted:
     """The session may carry mail; how it was authenticated goes into the evidence."""
 
     policy: str  # "encrypt", "verify", ...: the label `queue show` and the metrics use
-    verified: bool | None  # whether the chain reaches a trusted root for the MX name
+    # Whether the certificate is authenticated: it matched the recipient's TLSA records (DANE),
+    # or its chain reaches a trusted root and names the MX (WebPKI). `policy` says which.
+    verified: bool | None
     verify_error: str | None = None
     detail: str | None = None  # e.g. the record that matched
 

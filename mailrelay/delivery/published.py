@@ -38,7 +38,9 @@ from mailrelay.resolver import make_resolver
 log = logging.getLogger("mailrelay.delivery")
 
 
-def refuse_host(host: MxHost, reason: Insecure, detail: str, policy: str, note: str) -> Result:
+def refuse_host(
+    host: MxHost, reason: Insecure, detail: str, policy: str, note: str | None
+) -> Result:
     """A refusal of `host` before any connection: the same result for each of its addresses."""
     diagnostic = f"{host.name}: {detail}"
     evidence = Evidence(
@@ -209,7 +211,7 @@ class DaneDomain:
                 why = f"security_level is dane, and {owner} has no usable TLSA records"
             self._failed("dane_required")
             return Route(
-                host, route.tls, refuse_host(host, Insecure.DANE_REQUIRED, why, "dane", "")
+                host, route.tls, refuse_host(host, Insecure.DANE_REQUIRED, why, "dane", None)
             )
         # A secure RRset of unusable records still makes TLS mandatory (RFC 7672 §2.2), which
         # it always is here; with no DANE, the other rules decide.

@@ -77,7 +77,7 @@ class Evidence:
     tls_protocol: str | None = None
     tls_cipher: str | None = None
     cert_fingerprint: str | None = None  # SHA-256 of the leaf, lowercase hex
-    cert_verified: bool | None = None  # chain to a trusted root for the MX name
+    cert_verified: bool | None = None  # authenticated by DANE, or by WebPKI for the MX name
     policy: str | None = None  # which policy decided: "encrypt", "verify", later DANE, MTA-STS
     policy_detail: str | None = None  # e.g. the TLSA record that matched
 

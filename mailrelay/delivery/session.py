@@ -32,7 +32,7 @@ class TlsFacts:
     protocol: str  # "TLSv1.3"
     cipher: str  # OpenSSL name
     certificate: CertificateFacts | None  # None: the server sent none (anonymous suite)
-    verified: bool | None  # the chain reaches a trusted root for the MX name
+    verified: bool | None  # authenticated: by DANE, or by WebPKI for the MX name
     verify_error: str | None = None
     policy: str | None = None  # the policy that accepted (or refused) the session
     policy_detail: str | None = None
