@@ -8,6 +8,9 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import json
+import subprocess
+import sys
 import time
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -488,3 +491,57 @@ async def test_deferral_past_the_queue_lifetime_bounces_with_the_policy_failure(
         "Last-Attempt-Date": block["Last-Attempt-Date"],
     }
     assert BODY_MARKER not in report.as_bytes()
+
+
+async def test_cli_tls_check_shows_the_policy(env: Env) -> None:
+    listed = await env.add_mx(MX1, MODERN, preference=10)
+    unlisted = await env.add_mx(MX2, MODERN, preference=20)
+    server = await env.serve(ENFORCE_MX1)
+    config = env.tmp_path / "mailrelay.toml"
+    config.write_text(
+        f'hostname = "relay.test"\n[storage]\npath = "q.sqlite3"\n'
+        f'[delivery]\nport = {SMTP_PORT}\nnameservers = ["{env.world.nameservers[0]}"]\n'
+        f'ca_file = "{env.world.ca_file}"\ndns_timeout = 1\nconnect_timeout = 2\n'
+        f"mta_sts_port = {server.port}\nmta_sts_timeout = 2\n"
+    )
+
+    def cli(*args: str) -> subprocess.CompletedProcess[str]:
+        command = [sys.executable, "-m", "mailrelay", "--config", str(config), "tls-check", *args]
+        return subprocess.run(command, capture_output=True, text=True, timeout=60, check=False)
+
+    as_json = await asyncio.to_thread(cli, DOMAIN, "--json")
+    assert as_json.returncode == 1, as_json.stderr  # not every MX is acceptable
+    report = json.loads(as_json.stdout)
+    assert report["verdict"] == "partly secure"
+    assert report["mta_sts"] == {
+        "mode": "enforce",
+        "policy_id": "1",
+        "mx": [MX1],
+        "max_age": 86400,
+        "source": "fresh",
+        "error": None,
+        "detail": "",
+    }
+    good, bad = report["mx"]
+    assert (good["host"], good["verdict"], good["policy"], good["policy_detail"]) == (
+        MX1,
+        "secure",
+        "mta-sts",
+        "MTA-STS policy id=1",
+    )
+    assert (bad["host"], bad["verdict"], bad["status"], bad["detail"]) == (
+        MX2,
+        "insecure",
+        "5.7.5",
+        not_listed(MX2),
+    )
+    assert unlisted.connections == []  # refused by the policy without a connection
+    assert listed.all_messages == []  # a probe sends no mail
+
+    # Without a service database the policy is fetched each time; the text names it.
+    as_text = await asyncio.to_thread(cli, DOMAIN)
+    lines = as_text.stdout.splitlines()
+    assert lines[0].startswith(f"{DOMAIN}: PARTLY SECURE")
+    assert lines[1] == f"  MTA-STS: mode enforce, id 1, mx {MX1}, max_age 86400, fresh"
+    assert "      policy mta-sts: MTA-STS policy id=1" in lines
+    assert lines[-1] == f"      {not_listed(MX2)}"
