@@ -90,6 +90,8 @@ class QueueRunner:
 
     async def _schedule(self) -> None:
         while True:
+            # Cleared before the claim, so that mail queued while it runs wakes the next one.
+            self.wake.clear()
             free = self.workers - self._busy - self._jobs.qsize()
             jobs: list[Job] = []
             if free > 0:
@@ -100,8 +102,9 @@ class QueueRunner:
                     log.error("event=claim_failed error=%r", str(exc))
             for job in jobs:
                 self._jobs.put_nowait(job)
-            self._backlog = free > 0 and len(jobs) >= free
-            self.wake.clear()
+            # Every free worker got a job (or none was free): more may be due, so a worker
+            # that finishes wakes the next claim rather than leave it to the poll.
+            self._backlog = len(jobs) >= free
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self.wake.wait(), POLL_SECONDS)
 
