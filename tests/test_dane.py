@@ -26,9 +26,9 @@ from mailrelay.delivery.dane import (
     NoDane,
     Tlsa,
     lookup_tlsa,
-    match,
     reference_names,
 )
+from mailrelay.delivery.dane_match import match
 from mailrelay.delivery.mx import MxHost, MxResolver
 from mailrelay.resolver import make_resolver
 from tests.world import MODERN, DnsServer, Issued, TestCA, World, self_signed, tlsa_record

@@ -16,7 +16,7 @@ from dataclasses import dataclass
 import dns.asyncresolver
 
 from mailrelay.config import Config
-from mailrelay.delivery import dane
+from mailrelay.delivery import dane, dane_match
 from mailrelay.delivery.dane import DaneMatch, DaneRecords, DaneTrouble, NoDane
 from mailrelay.delivery.mta_sts import MtaSts, StsCache, StsLookup, StsPolicy
 from mailrelay.delivery.mx import MxHost, MxResolver
@@ -146,7 +146,7 @@ class DaneAuthentication:
 
     async def judge(self, handshake: Handshake) -> Judgement:
         now = dt.datetime.now(dt.UTC)
-        found = dane.match(handshake.chain, self.records, self.names, now)
+        found = dane_match.match(handshake.chain, self.records, self.names, now)
         if isinstance(found, DaneMatch):
             detail = f"{self.records.owner} TLSA {found.record}"
             return Accepted(found.usage, True, None, detail)
