@@ -102,7 +102,9 @@ def _parser() -> argparse.ArgumentParser:
     q = sub.add_parser("queue", help="the delivery queue").add_subparsers(
         dest="action", required=True, metavar="ACTION"
     )
-    _json(cmd(q, "list", _queue_list, "messages not yet delivered or bounced"))
+    one = _json(cmd(q, "list", _queue_list, "messages not yet delivered or bounced"))
+    one.add_argument("--limit", metavar="N", type=int, default=100, help="messages per page")
+    one.add_argument("--cursor", metavar="C", help="the id printed after 'more:' last time")
     _json(cmd(q, "show", _queue_show, "one message with its recipients")).add_argument("id")
     one = cmd(q, "retry", _queue_retry, "make deferred recipients due now")
     group = one.add_mutually_exclusive_group(required=True)
@@ -389,7 +391,14 @@ def _domain_list(cfg: Config, args: argparse.Namespace) -> int:
 
 
 def _queue_list(cfg: Config, args: argparse.Namespace) -> int:
-    rows = queue.list_queue(_db(cfg))
+    if args.limit < 1:
+        raise UserError(f"--limit must be at least 1, got {args.limit}")
+    rows = queue.list_queue(_db(cfg), limit=args.limit + 1, after=args.cursor)
+    more = len(rows) > args.limit
+    rows = rows[: args.limit]
+    if more:
+        # On stderr, as `log` does, so that stdout stays exactly the listing (or its JSON).
+        print(f"more: --cursor {rows[-1]['id']}", file=sys.stderr)
     if args.json:
         _print_json(rows)
         return 0

@@ -46,8 +46,12 @@ class Job:
 def claim_due(conn: sqlite3.Connection, now: float, limit: int) -> list[Job]:
     """Claim up to `limit` jobs (not recipient rows: a message with 100 recipients at one
     domain is one job, claimed whole in this one transaction), the longest-due first."""
+    # INDEXED BY: with many recipients per message SQLite's planner prefers walking the
+    # message index, which reads every queued row; the due index reads only the due ones, so a
+    # claim costs the same with a million recipients deferred to later as with none.
     groups = conn.execute(
-        "SELECT message_id, domain, min(next_attempt_at) AS due FROM recipients"
+        "SELECT message_id, domain, min(next_attempt_at) AS due"
+        " FROM recipients INDEXED BY recipients_due"
         " WHERE state IN ('queued', 'deferred') AND next_attempt_at <= ?"
         " GROUP BY message_id, domain ORDER BY due, message_id LIMIT ?",
         (now, limit),

@@ -122,21 +122,36 @@ def add_event(
 # ---- operator side -------------------------------------------------------------------------
 
 
-def list_queue(conn: sqlite3.Connection) -> list[dict[str, object]]:
-    """Messages with at least one recipient not yet final, oldest first."""
-    rows = conn.execute(
-        "SELECT m.id, m.sender, m.size, m.created_at, m.is_bounce,"
-        " group_concat(r.address || ' ' || r.state, char(10)) AS rcpts"
-        " FROM messages m JOIN recipients r ON r.message_id = m.id"
-        " WHERE m.id IN (SELECT message_id FROM recipients"
-        "                WHERE state IN ('queued', 'active', 'deferred'))"
-        " GROUP BY m.id ORDER BY m.created_at, m.id"
-    ).fetchall()
+def list_queue(
+    conn: sqlite3.Connection, limit: int | None = None, after: str | None = None
+) -> list[dict[str, object]]:
+    """Messages with at least one recipient not yet final, oldest first: up to `limit`, starting
+    after the message `after` (the last id of the previous page).
+
+    Walks messages in (created_at, id) order and keeps those with a pending recipient, so a page
+    costs the same with a million recipients queued as with ten.
+    """
+    sql = (
+        "SELECT m.id, m.sender, m.size, m.created_at, m.is_bounce FROM messages m"
+        " WHERE EXISTS (SELECT 1 FROM recipients r WHERE r.message_id = m.id"
+        " AND r.state IN ('queued', 'active', 'deferred'))"
+    )
+    params: list[object] = []
+    if after is not None:
+        sql += " AND (m.created_at, m.id) > (SELECT created_at, id FROM messages WHERE id = ?)"
+        params.append(after.upper())
+    sql += " ORDER BY m.created_at, m.id"
+    if limit is not None:
+        sql += " LIMIT ?"
+        params.append(limit)
     result: list[dict[str, object]] = []
-    for row in rows:
+    for row in conn.execute(sql, params).fetchall():
         recipients = [
-            {"address": line.rsplit(" ", 1)[0], "state": line.rsplit(" ", 1)[1]}
-            for line in str(row["rcpts"]).split("\n")
+            {"address": r["address"], "state": r["state"]}
+            for r in conn.execute(
+                "SELECT address, state FROM recipients WHERE message_id = ? ORDER BY id",
+                (row["id"],),
+            )
         ]
         result.append(
             {
