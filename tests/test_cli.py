@@ -341,6 +341,21 @@ def test_queue_commands(config: Path) -> None:
     assert [m["id"] for m in ok_json(config, "queue", "list")] == [second]
 
 
+def test_queue_list_pages(config: Path) -> None:
+    ids = [enqueue(config, f"user{n}@example.net") for n in range(5)]
+    first = cli(config, "queue", "list", "--json", "--limit", "2")
+    assert [m["id"] for m in json.loads(first.stdout)] == ids[:2]
+    assert first.stderr == f"more: --cursor {ids[1]}\n"
+    second = cli(config, "queue", "list", "--json", "--limit", "2", "--cursor", ids[1])
+    assert [m["id"] for m in json.loads(second.stdout)] == ids[2:4]
+    assert second.stderr == f"more: --cursor {ids[3]}\n"
+    last = ok(config, "queue", "list", "--limit", "2", "--cursor", ids[3].lower())
+    assert last.splitlines()[0].startswith(f"{ids[4]} ")  # no "more:" line: the last page
+    assert user_error(cli(config, "queue", "list", "--limit", "0")) == (
+        "--limit must be at least 1, got 0"
+    )
+
+
 def test_domain_rotate_and_retire_dkim(tmp_path: Path) -> None:
     config = write_config(tmp_path)
     added = ok_json(config, "domain", "add", "example.org", "--notify", "postmaster@example.org")
