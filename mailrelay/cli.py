@@ -148,9 +148,11 @@ def _serve(cfg: Config, args: argparse.Namespace) -> int:
     from mailrelay.service import serve  # the CLI's other commands need none of its imports
     from mailrelay.submission.tls import CertificateError
 
+    import uvloop  # the service's event loop; the library code runs on any asyncio loop
+
     logs.setup(cfg.log)
     try:
-        asyncio.run(serve(cfg, on_started=_print_started))
+        uvloop.run(serve(cfg, on_started=_print_started))
     except CertificateError as exc:
         raise UserError(str(exc)) from exc
     except OSError as exc:
