@@ -145,10 +145,10 @@ def _when(ts: float | None) -> str:
 
 
 def _serve(cfg: Config, args: argparse.Namespace) -> int:
+    import uvloop  # the service's event loop; the library code runs on any asyncio loop
+
     from mailrelay.service import serve  # the CLI's other commands need none of its imports
     from mailrelay.submission.tls import CertificateError
-
-    import uvloop  # the service's event loop; the library code runs on any asyncio loop
 
     logs.setup(cfg.log)
     try:

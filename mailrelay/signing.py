@@ -32,7 +32,8 @@ class Signer:
             )
             for k in stored
         ]
-        # Canonicalising and hashing a large body is CPU work; keep it off the event loop.
+        # CPU work, kept off the event loop: OpenSSL signs with the GIL released, and dkimpy's
+        # canonicalisation of a large body (pure Python) yields the GIL at the switch interval.
         return await asyncio.to_thread(dkim.sign, message, domain=domain, keys=keys)
 
 
