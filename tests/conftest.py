@@ -79,6 +79,9 @@ def make_config(tmp_path: Path, **sections: dict[str, Any]) -> Config:
         # of delivery replace these with their world; tests of submission hold the queue.
         "delivery": {
             "hold": True,
+            # In-process, so that tests can look at the delivery side's state and metrics;
+            # the separate delivery process is tested through `serve` in test_service.
+            "separate_process": False,
             "port": free_port(),
             "nameservers": [f"127.0.0.1:{free_port()}"],
             "dns_timeout": 1,

@@ -9,13 +9,16 @@ import signal
 import socket
 import subprocess
 import sys
+import time
+import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
-from tests.conftest import PASSWORD, write_config_file
+from tests.conftest import PASSWORD, free_port, write_config_file
 from tests.test_submission import MESSAGE, queued_id, send_raw
+from tests.world import MODERN, World
 
 run = asyncio.to_thread
 
@@ -117,3 +120,109 @@ async def test_kill_9_loses_no_accepted_mail(tmp_path: Path, notify_socket: sock
         assert await run(again.wait, 30) == 0
         assert again.stderr is not None
         again.stderr.close()
+
+
+SMTP_PORT = 25420  # this file's own port for its world's MX
+FIRST_ADDRESS = "127.0.42.1"
+
+
+def children(pid: int) -> list[int]:
+    path = Path(f"/proc/{pid}/task/{pid}/children")
+    return [int(p) for p in path.read_text().split()]
+
+
+def scrape(port: int) -> str:
+    with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10) as reply:
+        return str(reply.read().decode())
+
+
+async def test_delivery_process_survives_kill_9_of_its_own(
+    tmp_path: Path, notify_socket: socket.socket
+) -> None:
+    """`serve` delivers from a second process; killing it loses nothing and the service
+    starts another; its metrics are served on the one endpoint; SIGTERM ends both."""
+    async with World(tmp_path / "world", smtp_port=SMTP_PORT, first_address=FIRST_ADDRESS) as world:
+        mx = await world.add_mx("example.net", MODERN)
+        await world.add_mx("example.org", MODERN)
+        config, port, metrics_port = write_delivering_config(tmp_path, world)
+        setup_user(config)
+        proc = start(config, notify_socket)
+        try:
+            assert (await run(notify_socket.recv, 1024)).startswith(b"READY=1")
+            [deliverer] = children(proc.pid)
+            first = await run(submit, port, tmp_path / "tls" / "cert.pem")
+            await mx.wait_for_messages(1)
+            await recorded_as_sent(config, first)  # else the kill below may cause a duplicate
+
+            os.kill(deliverer, signal.SIGKILL)
+            await run(submit, port, tmp_path / "tls" / "cert.pem")
+            async with asyncio.timeout(10):
+                await mx.wait_until(lambda s: len(s.messages) == 2)
+            [successor] = children(proc.pid)
+            assert successor != deliverer
+            # The successor's own count (counters restart with their process, as Prometheus
+            # expects), served by the parent's endpoint.
+            sent = 'mailrelay_smtp_messages_processed_total{status="sent"} 1.0'
+            text = await run(scrape_until, metrics_port, sent)
+            assert "mailrelay_smtpd_messages_processed_total 2.0" in text
+
+            proc.send_signal(signal.SIGTERM)
+            assert await run(proc.wait, 30) == 0
+            assert not await run(Path(f"/proc/{successor}").exists)
+        finally:
+            if proc.poll() is None:
+                proc.kill()
+            assert proc.stderr is not None
+            stderr = proc.stderr.read().decode()
+            proc.stderr.close()
+    assert "event=delivery_process_died" in stderr
+    assert [m.rcpt_tos for m in mx.messages] == [("bob@example.net",)] * 2
+    listed = json.loads(cli(config, "queue", "list", "--json").stdout)
+    assert listed == []
+
+
+def scrape_until(port: int, line: str) -> str:
+    deadline = time.monotonic() + 10
+    while line not in (text := scrape(port)):
+        assert time.monotonic() < deadline, text
+        time.sleep(0.1)
+    return text
+
+
+async def recorded_as_sent(config: Path, queue_id: str) -> None:
+    async with asyncio.timeout(10):
+        while True:
+            shown = json.loads((await run(cli, config, "queue", "show", queue_id, "--json")).stdout)
+            if [r["state"] for r in shown["recipients"]] == ["sent"]:
+                return
+            await asyncio.sleep(0.05)
+
+
+def write_delivering_config(directory: Path, world: World) -> tuple[Path, int, int]:
+    port, metrics_port = free_port(), free_port()
+    path = directory / "mailrelay.toml"
+    path.write_text(
+        f"""
+hostname = "relay.test"
+[submission]
+listen = ["127.0.0.1:{port}"]
+cert_file = "tls/cert.pem"
+key_file = "tls/key.pem"
+self_signed_if_missing = true
+allow_unverified_domains = true
+[storage]
+path = "queue.sqlite3"
+[dkim]
+key_dir = "dkim"
+rsa_bits = 1024
+[metrics]
+listen = "127.0.0.1:{metrics_port}"
+[delivery]
+port = {SMTP_PORT}
+nameservers = ["{world.nameservers[0]}"]
+ca_file = "{world.ca_file}"
+dns_timeout = 1
+connect_timeout = 5
+"""
+    )
+    return path, port, metrics_port

@@ -10,6 +10,7 @@ from pathlib import Path
 from typing import Self, assert_never
 
 from tests.world.certs import Issued, TestCA, self_signed, tlsa_data, tlsa_record
+from tests.world.channel import TlsSession
 from tests.world.dns import DnsServer, Query
 from tests.world.mx import (
     CBC_ONLY,
@@ -32,7 +33,6 @@ from tests.world.mx import (
     MxServer,
     Starttls,
     TlsMode,
-    TlsSession,
 )
 
 __all__ = [

@@ -7,7 +7,7 @@ import contextlib
 import errno
 import struct
 from dataclasses import dataclass, field
-from typing import Literal, Self, cast
+from typing import Literal, cast
 
 import dns.exception
 import dns.flags
@@ -20,6 +20,8 @@ import dns.rdataclass
 import dns.rdatatype
 import dns.rdtypes.ANY.TXT
 import dns.rrset
+
+from tests.world.serving import StreamServing
 
 Transport = Literal["udp", "tcp"]
 
@@ -55,7 +57,7 @@ def _txt_chunks(data: bytes) -> list[bytes]:
     return [data[i : i + _TXT_STRING_MAX] for i in range(0, len(data), _TXT_STRING_MAX)] or [b""]
 
 
-class DnsServer:
+class DnsServer(StreamServing):
     """Answers authoritatively (AA) for every name from records added with `add`.
 
     A name with no records, and no records below it, is NXDOMAIN; a name with records of other
@@ -69,6 +71,7 @@ class DnsServer:
     """
 
     def __init__(self, host: str = "127.0.0.1", port: int = 0, *, negative_ttl: int = 60) -> None:
+        super().__init__()  # the TCP side; UDP needs no connections ended
         self._host = host
         self._port = port
         self._records: dict[dns.name.Name, dict[dns.rdatatype.RdataType, dns.rrset.RRset]] = {}
@@ -84,9 +87,6 @@ class DnsServer:
             f"ns.test. hostmaster.test. 1 3600 600 86400 {negative_ttl}",
         )
         self._udp: asyncio.DatagramTransport | None = None
-        self._tcp: asyncio.Server | None = None
-        self._tcp_tasks: set[asyncio.Task[None]] = set()
-        self._tcp_writers: set[asyncio.StreamWriter] = set()
         self.queries: list[Query] = []
 
     # -- records -------------------------------------------------------------------------------
@@ -197,7 +197,7 @@ class DnsServer:
             )
             port = int(udp.get_extra_info("sockname")[1])
             try:
-                self._tcp = await asyncio.start_server(self._serve_tcp, self._host, port)
+                self._server = await asyncio.start_server(self._serve_tcp, self._host, port)
             except OSError as e:
                 udp.close()
                 if e.errno != errno.EADDRINUSE or self._port != 0:
@@ -211,18 +211,7 @@ class DnsServer:
         if self._udp is not None:
             self._udp.close()
             self._udp = None
-        if self._tcp is not None:
-            self._tcp.close()
-            await end_connections(self._tcp_writers, self._tcp_tasks)
-            await self._tcp.wait_closed()
-            self._tcp = None
-
-    async def __aenter__(self) -> Self:
-        await self.start()
-        return self
-
-    async def __aexit__(self, *exc_info: object) -> None:
-        await self.stop()
+        await super().stop()
 
     # -- answering -----------------------------------------------------------------------------
 
@@ -313,43 +302,21 @@ class DnsServer:
         return response
 
     async def _serve_tcp(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        task = asyncio.current_task()
-        assert task is not None
-        self._tcp_tasks.add(task)
-        self._tcp_writers.add(writer)
-        try:
-            # RFC 7766: several length-prefixed queries may share one connection.
-            while True:
-                (length,) = struct.unpack("!H", await reader.readexactly(2))
-                answer = self.reply(await reader.readexactly(length), "tcp")
-                if answer is not None:
-                    writer.write(struct.pack("!H", len(answer)) + answer)
-                    await writer.drain()
-        except (asyncio.IncompleteReadError, ConnectionError):
-            pass
-        finally:
-            self._tcp_tasks.discard(task)
-            self._tcp_writers.discard(writer)
-            writer.close()
-            with contextlib.suppress(ConnectionError):
-                await writer.wait_closed()
-
-
-async def end_connections(
-    writers: set[asyncio.StreamWriter], tasks: set[asyncio.Task[None]]
-) -> None:
-    """End a server's accepted connections, which Python 3.11's Server.close() leaves open.
-
-    Aborting the sockets lets each handler see end-of-stream and return. Cancelling handlers
-    would work too, but Python 3.11 logs every cancelled client_connected_cb task as an error.
-    """
-    for writer in list(writers):
-        writer.transport.abort()
-    if tasks:
-        _done, stuck = await asyncio.wait(set(tasks), timeout=2.0)
-        for task in stuck:
-            task.cancel()
-        await asyncio.gather(*stuck, return_exceptions=True)
+        with self._tracking(writer):
+            try:
+                # RFC 7766: several length-prefixed queries may share one connection.
+                while True:
+                    (length,) = struct.unpack("!H", await reader.readexactly(2))
+                    answer = self.reply(await reader.readexactly(length), "tcp")
+                    if answer is not None:
+                        writer.write(struct.pack("!H", len(answer)) + answer)
+                        await writer.drain()
+            except (asyncio.IncompleteReadError, ConnectionError):
+                pass
+            finally:
+                writer.close()
+                with contextlib.suppress(ConnectionError):
+                    await writer.wait_closed()
 
 
 class _UdpProtocol(asyncio.DatagramProtocol):

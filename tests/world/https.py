@@ -13,10 +13,10 @@ import contextlib
 import ssl
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Self
+from typing import TYPE_CHECKING
 
 from tests.world.certs import Issued
-from tests.world.dns import end_connections
+from tests.world.serving import StreamServing
 
 if TYPE_CHECKING:
     from tests.world import World
@@ -70,7 +70,7 @@ class Request:
     headers: dict[str, str] = field(default_factory=dict)  # lowercased names
 
 
-class PolicyServer:
+class PolicyServer(StreamServing):
     """HTTPS on `address`:`port` (0: a free port, read `port` after `start`)."""
 
     def __init__(
@@ -82,15 +82,13 @@ class PolicyServer:
         key_file: Path,
         reply: Reply | None = None,
     ) -> None:
+        super().__init__()
         self.address = address
         self._port = port
         self._cert_file = cert_file
         self._key_file = key_file
         self.reply = reply or Reply()
         self.requests: list[Request] = []
-        self._server: asyncio.Server | None = None
-        self._tasks: set[asyncio.Task[None]] = set()
-        self._writers: set[asyncio.StreamWriter] = set()
         self._sni: dict[int, str | None] = {}
 
     @property
@@ -106,41 +104,21 @@ class PolicyServer:
         )
         self._port = int(self._server.sockets[0].getsockname()[1])
 
-    async def stop(self) -> None:
-        if self._server is None:
-            return
-        self._server.close()
-        await end_connections(self._writers, self._tasks)
-        await self._server.wait_closed()
-        self._server = None
-
-    async def __aenter__(self) -> Self:
-        await self.start()
-        return self
-
-    async def __aexit__(self, *exc_info: object) -> None:
-        await self.stop()
-
     def _remember_sni(
         self, ssl_object: ssl.SSLObject, server_name: str | None, _context: ssl.SSLContext
     ) -> None:
         self._sni[id(ssl_object)] = server_name
 
     async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        task = asyncio.current_task()
-        assert task is not None
-        self._tasks.add(task)
-        self._writers.add(writer)
-        try:
-            await self._answer(reader, writer)
-        except (ConnectionError, asyncio.IncompleteReadError, asyncio.LimitOverrunError):
-            pass  # the client went away, as clients that give up do
-        finally:
-            writer.close()
-            with contextlib.suppress(ConnectionError, ssl.SSLError):
-                await writer.wait_closed()
-            self._tasks.discard(task)
-            self._writers.discard(writer)
+        with self._tracking(writer):
+            try:
+                await self._answer(reader, writer)
+            except (ConnectionError, asyncio.IncompleteReadError, asyncio.LimitOverrunError):
+                pass  # the client went away, as clients that give up do
+            finally:
+                writer.close()
+                with contextlib.suppress(ConnectionError, ssl.SSLError):
+                    await writer.wait_closed()
 
     async def _answer(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         head = await reader.readuntil(b"\r\n\r\n")

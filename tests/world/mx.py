@@ -6,15 +6,15 @@ import asyncio
 import contextlib
 import re
 import ssl
-import weakref
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from enum import Enum
 from pathlib import Path
-from typing import Self, assert_never
+from typing import assert_never
 
 from tests.world.certs import KeyType
-from tests.world.dns import end_connections
+from tests.world.channel import LINE_LIMIT, Channel, TlsSession, note_sni
+from tests.world.serving import StreamServing
 
 
 class Starttls(Enum):
@@ -117,12 +117,6 @@ class Message:
         return self.reply.startswith("2")
 
 
-@dataclass(frozen=True)
-class TlsSession:
-    version: str  # "TLSv1.3"
-    cipher: str  # OpenSSL name, "TLS_AES_256_GCM_SHA384" or "ECDHE-RSA-AES128-GCM-SHA256"
-
-
 @dataclass
 class Connection:
     """What one client connection did, in order."""
@@ -140,24 +134,13 @@ _ENVELOPE_VERBS = ("MAIL", "RCPT", "DATA", "BDAT")
 _MAIL_RE = re.compile(r"FROM:\s*<([^>]*)>", re.IGNORECASE)
 _RCPT_RE = re.compile(r"TO:\s*<([^>]*)>", re.IGNORECASE)
 WAIT_SECONDS = 5.0
-_LINE_LIMIT = 1 << 20
 _SIZE_LIMIT = 50 * 1024 * 1024
-
-
-# The server name each handshake asked for. A context (and its callback) is shared by every
-# connection, so the name is kept by TLS object until the connection reads it.
-_SNI: weakref.WeakKeyDictionary[ssl.SSLObject, str] = weakref.WeakKeyDictionary()
-
-
-def _note_sni(tls: ssl.SSLObject, server_name: str | None, _ctx: ssl.SSLContext) -> None:
-    if server_name is not None:
-        _SNI[tls] = server_name
 
 
 def server_context(mode: TlsMode, cert_file: Path, key_file: Path) -> ssl.SSLContext:
     """The server-side TLS context for `mode`; it notes the SNI each client sends."""
     ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
-    ctx.sni_callback = _note_sni
+    ctx.sni_callback = note_sni
     ctx.load_cert_chain(cert_file, key_file)
     ctx.minimum_version = ssl.TLSVersion.TLSv1_2
     match mode:
@@ -178,7 +161,7 @@ def server_context(mode: TlsMode, cert_file: Path, key_file: Path) -> ssl.SSLCon
     return ctx
 
 
-class MxServer:
+class MxServer(StreamServing):
     """A small SMTP server that records everything it is sent.
 
     `behaviour` may be replaced while running (e.g. 451 first, then 250); each command reads
@@ -195,6 +178,7 @@ class MxServer:
         cert_file: Path | None = None,
         key_file: Path | None = None,
     ) -> None:
+        super().__init__()
         self.behaviour = behaviour
         self.hostname = hostname
         self.connections: list[Connection] = []
@@ -202,9 +186,6 @@ class MxServer:
         self._port = port
         self._cert = (cert_file, key_file)
         self._contexts: dict[TlsMode, ssl.SSLContext] = {}
-        self._server: asyncio.Server | None = None
-        self._tasks: set[asyncio.Task[None]] = set()
-        self._writers: set[asyncio.StreamWriter] = set()
         self._changed = asyncio.Event()
 
     # -- what happened -------------------------------------------------------------------------
@@ -265,24 +246,9 @@ class MxServer:
         if self.behaviour.starttls is Starttls.OFFER:
             self._context(self.behaviour.tls)  # a missing certificate fails here, not mid-test
         self._server = await asyncio.start_server(
-            self._serve, self._address, self._port, limit=_LINE_LIMIT
+            self._serve, self._address, self._port, limit=LINE_LIMIT
         )
         self._port = int(self._server.sockets[0].getsockname()[1])
-
-    async def stop(self) -> None:
-        if self._server is None:
-            return
-        self._server.close()
-        await end_connections(self._writers, self._tasks)
-        await self._server.wait_closed()
-        self._server = None
-
-    async def __aenter__(self) -> Self:
-        await self.start()
-        return self
-
-    async def __aexit__(self, *exc_info: object) -> None:
-        await self.stop()
 
     def _context(self, mode: TlsMode) -> ssl.SSLContext:
         cert_file, key_file = self._cert
@@ -295,30 +261,25 @@ class MxServer:
     # -- the SMTP session ----------------------------------------------------------------------
 
     async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        task = asyncio.current_task()
-        assert task is not None
-        self._tasks.add(task)
-        self._writers.add(writer)
-        peer = writer.get_extra_info("peername")
-        conn = Connection(peer=f"{peer[0]}:{peer[1]}")
-        self.connections.append(conn)
-        channel = _Channel(reader, writer)
-        try:
-            await self._session(conn, channel)
-        except (ConnectionError, asyncio.IncompleteReadError, TimeoutError, ssl.SSLError):
-            pass
-        except ValueError:  # a line longer than the limit
-            with contextlib.suppress(ConnectionError, ssl.SSLError):
-                await channel.reply("500 5.5.2 Line too long")
-        finally:
-            conn.closed = True
-            self._notify()
-            self._tasks.discard(task)
-            self._writers.discard(writer)
-            # Nothing here waits for the client (no TLS close_notify exchange), so abort is safe.
-            writer.transport.abort()
+        with self._tracking(writer):
+            peer = writer.get_extra_info("peername")
+            conn = Connection(peer=f"{peer[0]}:{peer[1]}")
+            self.connections.append(conn)
+            channel = Channel(reader, writer)
+            try:
+                await self._session(conn, channel)
+            except (ConnectionError, asyncio.IncompleteReadError, TimeoutError, ssl.SSLError):
+                pass
+            except ValueError:  # a line longer than the limit
+                with contextlib.suppress(ConnectionError, ssl.SSLError):
+                    await channel.reply("500 5.5.2 Line too long")
+            finally:
+                conn.closed = True
+                self._notify()
+                # Nothing here waits for the client (no TLS close_notify exchange): abort is safe.
+                writer.transport.abort()
 
-    async def _session(self, conn: Connection, channel: _Channel) -> None:
+    async def _session(self, conn: Connection, channel: Channel) -> None:
         greeting = self.behaviour.greeting.format(hostname=self.hostname)
         await channel.reply(greeting)
         in_service = greeting.startswith("220")
@@ -407,7 +368,7 @@ class MxServer:
             lines.append("STARTTLS")
         return "\n".join(f"250-{x}" for x in lines[:-1]) + f"\n250 {lines[-1]}"
 
-    async def _starttls(self, conn: Connection, channel: _Channel, bad: bool) -> bool:
+    async def _starttls(self, conn: Connection, channel: Channel, bad: bool) -> bool:
         """Answer STARTTLS; False when the connection is over."""
         b = self.behaviour
         match b.starttls:
@@ -439,7 +400,7 @@ class MxServer:
                 assert_never(b.starttls)
         return True
 
-    async def _read_data(self, channel: _Channel) -> bytes | None:
+    async def _read_data(self, channel: Channel) -> bytes | None:
         lines: list[bytes] = []
         while line := await channel.readline():
             # Only CRLF.CRLF ends the data: a bare-LF dot is content (SMTP smuggling).
@@ -447,92 +408,3 @@ class MxServer:
                 return b"".join(lines)
             lines.append(line[1:] if line.startswith(b".") else line)
         return None
-
-
-class _Channel:
-    """One connection's bytes, plaintext or TLS.
-
-    TLS runs here over memory BIOs instead of StreamWriter.start_tls because asyncio drops the
-    alert of a failed handshake and resets the connection; real MX hosts send the alert
-    ("protocol version", "handshake failure"), and clients must be tested against that.
-    """
-
-    def __init__(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        self.reader = reader
-        self.writer = writer
-        self._tls: ssl.SSLObject | None = None
-        self._incoming = ssl.MemoryBIO()
-        self._outgoing = ssl.MemoryBIO()
-        self._buffer = bytearray()
-        self.sni: str | None = None  # known once a handshake has read the ClientHello
-
-    async def reply(self, text: str) -> None:
-        data = text.replace("\n", "\r\n").encode() + b"\r\n"
-        if self._tls is None:
-            self.writer.write(data)
-        else:
-            self._tls.write(data)
-        await self._flush()
-
-    async def readline(self) -> bytes:
-        """A line with its ending, b"" at end of stream; ValueError past the length limit."""
-        if self._tls is None:
-            return await self.reader.readline()
-        while (end := self._buffer.find(b"\n")) < 0:
-            if len(self._buffer) > _LINE_LIMIT:
-                raise ValueError("line too long")
-            chunk = await self._read_tls()
-            if not chunk:
-                line, self._buffer = bytes(self._buffer), bytearray()
-                return line
-            self._buffer += chunk
-        line = bytes(self._buffer[: end + 1])
-        del self._buffer[: end + 1]
-        return line
-
-    async def start_tls(self, ctx: ssl.SSLContext) -> TlsSession:
-        tls = ctx.wrap_bio(self._incoming, self._outgoing, server_side=True)
-        try:
-            async with asyncio.timeout(5.0):
-                while True:
-                    try:
-                        tls.do_handshake()
-                        break
-                    except ssl.SSLWantReadError:
-                        await self._flush()
-                        await self._receive()
-                    except ssl.SSLError:
-                        with contextlib.suppress(ConnectionError):
-                            await self._flush()  # the alert: the reason this class exists
-                        raise
-        finally:
-            self.sni = _SNI.pop(tls, None)
-        await self._flush()  # TLS 1.3 session tickets
-        self._tls = tls
-        cipher = tls.cipher()
-        return TlsSession(tls.version() or "", cipher[0] if cipher else "")
-
-    async def _read_tls(self) -> bytes:
-        assert self._tls is not None
-        while True:
-            try:
-                return self._tls.read(65536)
-            except ssl.SSLWantReadError:
-                await self._flush()
-                if not await self._receive():
-                    return b""
-            except ssl.SSLZeroReturnError:  # the client's close_notify
-                return b""
-
-    async def _receive(self) -> bool:
-        data = await self.reader.read(65536)
-        if not data:
-            self._incoming.write_eof()
-            return False
-        self._incoming.write(data)
-        return True
-
-    async def _flush(self) -> None:
-        if pending := self._outgoing.read():
-            self.writer.write(pending)
-        await self.writer.drain()
