@@ -80,6 +80,9 @@ class DeliveryConfig:
     workers: int = 16
     # Accept and queue, but deliver nothing (maintenance, or a new install not yet trusted).
     hold: bool = False
+    # Deliver from a process of its own (a second core) beside the submission process; false
+    # keeps everything in one process (small machines, tests, debugging).
+    separate_process: bool = True
     connect_timeout: float = 30.0
     command_timeout: float = 120.0
     dns_timeout: float = 10.0
@@ -230,6 +233,7 @@ def parse(raw: dict[str, Any], *, base_dir: Path) -> Config:
         max_queue_lifetime=del_t.duration("max_queue_lifetime", d.max_queue_lifetime),
         workers=del_t.integer("workers", d.workers, 1, 1000),
         hold=del_t.boolean("hold", False),
+        separate_process=del_t.boolean("separate_process", d.separate_process),
         connect_timeout=del_t.duration("connect_timeout", d.connect_timeout),
         command_timeout=del_t.duration("command_timeout", d.command_timeout),
         dns_timeout=del_t.duration("dns_timeout", d.dns_timeout),

@@ -9,11 +9,21 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import Callable
+import threading
+from collections.abc import Callable, Iterable
 from wsgiref.simple_server import WSGIServer
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
+from prometheus_client import (
+    CollectorRegistry,
+    Counter,
+    Gauge,
+    Histogram,
+    generate_latest,
+    start_http_server,
+)
 from prometheus_client.core import GaugeMetricFamily
+from prometheus_client.metrics_core import Metric
+from prometheus_client.parser import text_string_to_metric_families
 from prometheus_client.registry import Collector
 
 from mailrelay.config import ListenAddress
@@ -93,12 +103,68 @@ class Metrics:
         )
         for status in ("sent", "deferred", "bounced"):
             self.smtp_messages_processed.labels(status=status)
+        # What the delivery side counts; with delivery in its own process, the child keeps
+        # these and the parent serves the child's latest snapshot in their place.
+        self._delivery: tuple[Collector, ...] = (
+            self.smtp_messages_processed,
+            self.smtp_tls_connections,
+            self.smtp_tls_policy_failures,
+            self.smtp_insecure_refusals,
+            self.smtp_delivery_delay,
+            self.dns_lookup_failures,
+            self.delivery_workers_busy,
+            self.delivery_workers,
+        )
+        self._adopted: _Adopted | None = None
+
+    def delivery_text(self) -> str:
+        """The delivery metrics in the text exposition format (the child's snapshot)."""
+        return generate_latest(_Together(self._delivery)).decode()
+
+    def take_delivery_metrics_from(self, text: str | None) -> None:
+        """Serve delivery metrics from another process's snapshots (`delivery_text`) instead
+        of this process's own; None switches over before the first snapshot arrives."""
+        if self._adopted is None:
+            for collector in self._delivery:
+                self.registry.unregister(collector)
+            self._adopted = _Adopted()
+            self.registry.register(self._adopted)
+        if text is not None:
+            self._adopted.update(text)
 
     def add_queue_collector(
         self, snapshot: Callable[[], tuple[dict[str, int], float | None]]
     ) -> None:
         """Queue depth and age are read at scrape time from a cached snapshot."""
         self.registry.register(_QueueCollector(snapshot))
+
+
+class _Together:
+    """Several collectors seen as one, for `generate_latest`."""
+
+    def __init__(self, collectors: Iterable[Collector]) -> None:
+        self._collectors = tuple(collectors)
+
+    def collect(self) -> Iterable[Metric]:
+        for collector in self._collectors:
+            yield from collector.collect()
+
+
+class _Adopted(Collector):
+    """The latest metric snapshot of another process, re-exported as it came."""
+
+    def __init__(self) -> None:
+        self._families: list[Metric] = []
+        self._lock = threading.Lock()  # scrapes run on the HTTP server's thread
+
+    def update(self, text: str) -> None:
+        families = list(text_string_to_metric_families(text))
+        with self._lock:
+            self._families = families
+
+    def collect(self) -> Iterable[Metric]:
+        with self._lock:
+            return list(self._families)
 
 
 class _QueueCollector(Collector):

@@ -17,6 +17,7 @@ from mailrelay.config import Config
 from mailrelay.delivery.courier import SmtpCourier
 from mailrelay.delivery.mta_sts import StoreStsCache
 from mailrelay.delivery.pool import SessionPool
+from mailrelay.delivery.process import DeliveryProcess
 from mailrelay.delivery.published import transport_policy
 from mailrelay.delivery.runner import QueueRunner
 from mailrelay.metrics import Metrics, MetricsServer
@@ -61,10 +62,13 @@ class Service:
             checker,
             on_auth_failure=self.metrics.smtpd_sasl_authentication_failures.inc,
         )
-        self.pool = SessionPool(config, self.metrics)
-        policy = transport_policy(config, StoreStsCache(self.store), self.metrics)
-        courier = SmtpCourier(policy, self.pool, self.metrics)
-        self.runner = QueueRunner(config, self.store, courier, self.metrics, self.queue_changed)
+        self.delivery: InlineDelivery | DeliveryProcess | None = None
+        if config.delivery.hold:
+            pass
+        elif config.delivery.separate_process:
+            self.delivery = DeliveryProcess(config, self.metrics, self.queue_changed)
+        else:
+            self.delivery = InlineDelivery(config, self.store, self.metrics, self.queue_changed)
         self.metrics_server = MetricsServer(self.metrics, config.metrics.listen)
         self._snapshot_conn: sqlite3.Connection | None = None
         self._snapshot_lock = threading.Lock()
@@ -87,16 +91,12 @@ class Service:
 
     async def start(self) -> None:
         await self.store.start()
-        released = await self.store.write(lambda c: claims.release_interrupted(c, time.time()))
-        if released:
-            log.info("event=recovered recipients=%d", released)
         self._snapshot_conn = connect(self.config.storage.path)
         await self.metrics_server.start()
-        if self.config.delivery.hold:
+        if self.delivery is None:
             log.warning("event=delivery_held (delivery.hold = true: mail is queued, not sent)")
         else:
-            await self.pool.start()
-            await self.runner.start()
+            await self.delivery.start()
         await self.submission.start()
         sd_notify("READY=1\nSTATUS=accepting mail")
         log.info("event=started hostname=%s", self.config.hostname)
@@ -108,8 +108,8 @@ class Service:
         sd_notify("STOPPING=1")
         log.info("event=stopping")
         await self.submission.stop()
-        await self.runner.stop()
-        await self.pool.stop()
+        if self.delivery is not None:
+            await self.delivery.stop()
         await self.metrics_server.stop()
         await self.store.stop()
         with self._snapshot_lock:
@@ -117,6 +117,29 @@ class Service:
                 self._snapshot_conn.close()
                 self._snapshot_conn = None
         log.info("event=stopped")
+
+
+class InlineDelivery:
+    """Delivery inside the service's own process (`[delivery] separate_process = false`)."""
+
+    def __init__(self, config: Config, store: Store, metrics: Metrics, wake: asyncio.Event) -> None:
+        self.store = store
+        self.pool = SessionPool(config, metrics)
+        policy = transport_policy(config, StoreStsCache(store), metrics)
+        courier = SmtpCourier(policy, self.pool, metrics)
+        self.runner = QueueRunner(config, store, courier, metrics, wake)
+
+    async def start(self) -> None:
+        # Nothing else claims: whatever is still claimed was being delivered when we stopped.
+        released = await self.store.write(lambda c: claims.release_interrupted(c, time.time()))
+        if released:
+            log.info("event=recovered recipients=%d", released)
+        await self.pool.start()
+        await self.runner.start()
+
+    async def stop(self) -> None:
+        await self.runner.stop()
+        await self.pool.stop()
 
 
 async def serve(config: Config, on_started: object = None) -> None:
