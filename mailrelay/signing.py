@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import asyncio
 import logging
 from typing import cast
 
@@ -16,8 +15,14 @@ class Signer:
     def __init__(self, store: Store) -> None:
         self.store = store
 
-    async def sign(self, message: bytes, domain: str) -> bytes:
-        stored = await self.store.read(lambda c: accounts.keys(c, domain, active_only=True))
+    def sign(self, message: bytes, domain: str) -> bytes:
+        """`message` signed with `domain`'s active keys. Blocking (a store read, then CPU): the
+        caller runs it in a worker thread with the rest of the message's work.
+
+        The keys are read for each message, so a rotation made by the CLI in another process
+        applies to the next message; the parsed keys themselves are cached (`dkim.signing_key`).
+        """
+        stored = self.store.read_blocking(lambda c: accounts.keys(c, domain, active_only=True))
         if not stored:
             # Only possible in development (allow_unverified_domains) or for a domain added by
             # hand: a domain added by the CLI always has a key.
@@ -32,9 +37,7 @@ class Signer:
             )
             for k in stored
         ]
-        # CPU work, kept off the event loop: OpenSSL signs with the GIL released, and dkimpy's
-        # canonicalisation of a large body (pure Python) yields the GIL at the switch interval.
-        return await asyncio.to_thread(dkim.sign, message, domain=domain, keys=keys)
+        return dkim.sign(message, domain=domain, keys=keys)
 
 
 def authentication_results(hostname: str, user: str) -> str:

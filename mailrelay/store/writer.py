@@ -83,15 +83,15 @@ class Store:
 
     async def read(self, op: Callable[[sqlite3.Connection], T]) -> T:
         """Run a query on the read connection, in a worker thread."""
+        return await asyncio.to_thread(self.read_blocking, op)
+
+    def read_blocking(self, op: Callable[[sqlite3.Connection], T]) -> T:
+        """Run a query on the read connection in the calling thread: for code that already runs
+        in a worker thread. Never call it on the event loop."""
         if self._reader is None or self._closed:
             raise StoreClosed("the store is closed")
-        reader = self._reader
-
-        def run() -> T:
-            with self._read_lock:
-                return op(reader)
-
-        return await asyncio.to_thread(run)
+        with self._read_lock:
+            return op(self._reader)
 
     def _run(self, conn: sqlite3.Connection) -> None:
         try:

@@ -9,7 +9,7 @@ import logging
 import re
 import sqlite3
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Callable
 from dataclasses import dataclass
 from email.parser import BytesHeaderParser
 from email.policy import compat32
@@ -22,8 +22,9 @@ from mailrelay.submission.message import add_submission_headers
 
 log = logging.getLogger("mailrelay.submission")
 
-SignFunction = Callable[[bytes, str], Awaitable[bytes]]  # (message, domain) -> signed message
-"""(message, sending domain) -> the message with DKIM-Signature headers."""
+SignFunction = Callable[[bytes, str], bytes]
+"""(message, sending domain) -> the message with DKIM-Signature headers. Blocking: it is run in
+a worker thread with the rest of the message's work."""
 
 _BARE_LINE_ENDING = re.compile(rb"\r(?!\n)|(?<!\r)\n")
 _DOMAIN = re.compile(r"(?=.{1,253}$)([a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?\.)+[a-z]{2,63}")
@@ -54,6 +55,11 @@ def authenticated_user(session: Any) -> str:
     LoginPassword with the login only (see SubmissionSMTP._check): no password is kept."""
     login = getattr(getattr(session, "auth_data", None), "login", None) or b""
     return bytes(login).decode("utf-8", "replace").lower()
+
+
+@dataclass(frozen=True)
+class _Refusal:
+    reply: str
 
 
 @dataclass(frozen=True)
@@ -174,36 +180,19 @@ class SubmissionHandler:
         return "250 2.1.5 Recipient ok"
 
     async def handle_DATA(self, server: Any, session: Any, envelope: Any) -> str:
-        data: bytes = envelope.original_content
-        if _BARE_LINE_ENDING.search(data):
-            # SMTP smuggling: a bare LF or CR may be read as a line end by the next hop, which
-            # would then see a second message hidden in this one. Refuse the whole DATA.
-            return self._refuse_data(session, envelope, replies.BARE_LINE_ENDING)
         login = authenticated_user(session)
         sending_domain = login.rpartition("@")[2]
-        headers = BytesHeaderParser(policy=compat32).parsebytes(data, headersonly=True)
-        from_headers = headers.get_all("From") or []
-        if len(from_headers) != 1:
-            return self._refuse_data(session, envelope, replies.FROM_MISSING)
-        addresses = email.utils.getaddresses([str(from_headers[0])])
-        if not addresses or any(
-            (split_address(a) or ("", ""))[1] != sending_domain for _, a in addresses
-        ):
-            return self._refuse_data(session, envelope, replies.FROM_NOT_OWNED)
-
         now = time.time()
         queue_id: str = getattr(envelope, "queue_id", None) or queue.new_message_id()
-        message = add_submission_headers(
-            data,
-            hostname=self.hostname,
-            queue_id=queue_id,
-            now=now,
-            authentication_results=self.authentication_results_for(login)
-            if self.authentication_results_for
-            else None,
+        # Everything this message costs in CPU -- checks, header parsing, our headers, the DKIM
+        # signature -- in one worker-thread call: the event loop goes on serving other sessions,
+        # and OpenSSL signs with the GIL released.
+        prepared = await asyncio.to_thread(
+            self._prepare, envelope.original_content, login, queue_id, now
         )
-        if self.signer is not None:
-            message = await self.signer(message, sending_domain)
+        if not isinstance(prepared, bytes):
+            return self._refuse_data(session, envelope, prepared.reply)
+        message = prepared
         new = queue.NewMessage(
             sender=envelope.mail_from,
             recipients=tuple(envelope.rcpt_tos),
@@ -229,6 +218,33 @@ class SubmissionHandler:
         if self.on_accepted is not None:
             self.on_accepted(Accepted(queue_id, len(envelope.rcpt_tos)))
         return replies.QUEUED.format(queue_id=queue_id)
+
+    def _prepare(self, data: bytes, login: str, queue_id: str, now: float) -> bytes | _Refusal:
+        """The message as it will be queued, or why DATA is refused. Runs in a worker thread."""
+        if _BARE_LINE_ENDING.search(data):
+            # SMTP smuggling: a bare LF or CR may be read as a line end by the next hop, which
+            # would then see a second message hidden in this one. Refuse the whole DATA.
+            return _Refusal(replies.BARE_LINE_ENDING)
+        sending_domain = login.rpartition("@")[2]
+        headers = BytesHeaderParser(policy=compat32).parsebytes(data, headersonly=True)
+        from_headers = headers.get_all("From") or []
+        if len(from_headers) != 1:
+            return _Refusal(replies.FROM_MISSING)
+        addresses = email.utils.getaddresses([str(from_headers[0])])
+        if not addresses or any(
+            (split_address(a) or ("", ""))[1] != sending_domain for _, a in addresses
+        ):
+            return _Refusal(replies.FROM_NOT_OWNED)
+        message = add_submission_headers(
+            data,
+            hostname=self.hostname,
+            queue_id=queue_id,
+            now=now,
+            authentication_results=self.authentication_results_for(login)
+            if self.authentication_results_for
+            else None,
+        )
+        return self.signer(message, sending_domain) if self.signer is not None else message
 
     def _refuse_data(self, session: Any, envelope: Any, reply: str) -> str:
         return self.refuse(session, envelope, reply, "data", list(envelope.rcpt_tos))
