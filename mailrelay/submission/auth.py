@@ -1,10 +1,15 @@
-"""Password checking for SMTP AUTH: argon2 hashes verified off the event loop, and a tarpit
-that slows down a client address after repeated failures."""
+"""Password checking for SMTP AUTH: argon2 hashes verified off the event loop on a bounded pool
+of their own, a short-lived cache of successful checks, and a tarpit that slows down a client
+address after repeated failures."""
 
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import functools
+import hashlib
+import hmac
+import secrets
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
@@ -34,16 +39,61 @@ def _verify(stored_hash: str | None, password: str) -> bool:
         return False
 
 
-class PasswordChecker:
-    """Checks a login against the stored hash; argon2 costs ~50 ms of CPU, so it runs in a
-    thread and never stalls other sessions."""
+# argon2 verification costs ~0.15 s of CPU and 64 MiB of memory each. On their own pool, at
+# most this many run at once: a burst of logins (or of guesses) waits its turn there instead of
+# taking every thread of the default executor, which the store's reads and DATA's work share,
+# and instead of multiplying the 64 MiB by the number of threads.
+MAX_PARALLEL_CHECKS = 2
+# A login that succeeded is not hashed again for this long: applications that open one session
+# per message (common for the users we replace hosted APIs for) would otherwise pay argon2 on
+# every message. Only successes are remembered, keyed by an HMAC with a per-process secret over
+# the login, the stored hash and the password, so a changed or deleted password misses at once
+# and no password is kept.
+SUCCESS_TTL = 300.0
+SUCCESS_CACHE_MAX = 10_000
 
-    def __init__(self, lookup_hash: Callable[[str], Awaitable[str | None]]) -> None:
+
+class PasswordChecker:
+    """Checks a login against the stored hash without stalling the event loop."""
+
+    def __init__(
+        self,
+        lookup_hash: Callable[[str], Awaitable[str | None]],
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
         self._lookup_hash = lookup_hash
+        self._clock = clock
+        self._pool = concurrent.futures.ThreadPoolExecutor(
+            MAX_PARALLEL_CHECKS, thread_name_prefix="mailrelay-argon2"
+        )
+        self._secret = secrets.token_bytes(32)
+        self._recent: dict[bytes, float] = {}
+        self.hashed = 0  # argon2 verifications run, for tests and curiosity
 
     async def check(self, login: str, password: str) -> bool:
-        stored = await self._lookup_hash(login.lower())
-        return await asyncio.to_thread(_verify, stored, password)
+        login = login.lower()
+        stored = await self._lookup_hash(login)
+        key = self._key(login, stored, password) if stored is not None else None
+        now = self._clock()
+        if key is not None and self._recent.get(key, 0.0) > now:
+            return True
+        self.hashed += 1
+        loop = asyncio.get_running_loop()
+        ok = await loop.run_in_executor(self._pool, _verify, stored, password)
+        if ok and key is not None:
+            if len(self._recent) >= SUCCESS_CACHE_MAX:
+                self._recent = {k: t for k, t in self._recent.items() if t > now}
+                if len(self._recent) >= SUCCESS_CACHE_MAX:
+                    self._recent.clear()
+            self._recent[key] = now + SUCCESS_TTL
+        return ok
+
+    def _key(self, login: str, stored: str, password: str) -> bytes:
+        material = b"\0".join(s.encode("utf-8", "surrogatepass") for s in (login, stored, password))
+        return hmac.new(self._secret, material, hashlib.sha256).digest()
+
+    def close(self) -> None:
+        self._pool.shutdown(wait=False, cancel_futures=True)
 
 
 @dataclass

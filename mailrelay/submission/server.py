@@ -249,3 +249,4 @@ class SubmissionServer:
             await server.wait_closed()
         self._servers.clear()
         await self.handler.flush()  # refusals recorded so far reach the store before it stops
+        self.checker.close()
