@@ -32,5 +32,11 @@ typecheck: install
 bench: install
 	$(BIN)/python scripts/bench_submission.py
 
+# mailrelay side by side with Postfix + OpenDKIM, relaying to one TLS 1.3 sink on loopback.
+# Needs root (installs postfix and opendkim with apt-get if missing). E.g. BENCH_ARGS="--clients 16"
+.PHONY: bench-peer
+bench-peer: install
+	$(BIN)/python scripts/bench_vs_postfix.py $(BENCH_ARGS)
+
 clean:
 	rm -rf $(VENV) var .mypy_cache .pytest_cache .ruff_cache
