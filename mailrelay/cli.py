@@ -147,13 +147,14 @@ def _when(ts: float | None) -> str:
 def _serve(cfg: Config, args: argparse.Namespace) -> int:
     import uvloop  # the service's event loop; the library code runs on any asyncio loop
 
-    from mailrelay.service import serve  # the CLI's other commands need none of its imports
+    from mailrelay.instance import AlreadyRunning
+    from mailrelay.service import ServiceFailed, serve  # the other commands need none of it
     from mailrelay.submission.tls import CertificateError
 
     logs.setup(cfg.log)
     try:
         uvloop.run(serve(cfg, on_started=_print_started))
-    except CertificateError as exc:
+    except (CertificateError, AlreadyRunning, ServiceFailed) as exc:
         raise UserError(str(exc)) from exc
     except OSError as exc:
         raise UserError(f"cannot start: {exc}") from exc

@@ -20,6 +20,7 @@ from mailrelay.delivery.pool import SessionPool
 from mailrelay.delivery.process import DeliveryProcess
 from mailrelay.delivery.published import transport_policy
 from mailrelay.delivery.runner import QueueRunner
+from mailrelay.instance import InstanceLock
 from mailrelay.metrics import Metrics, MetricsServer
 from mailrelay.store import Store, accounts, claims, connect, queue
 from mailrelay.submission.auth import PasswordChecker
@@ -34,7 +35,9 @@ class Service:
     def __init__(self, config: Config) -> None:
         self.config = config
         self.metrics = Metrics()
-        self.store = Store(config.storage.path)
+        self.lock = InstanceLock(config.storage.path)
+        self.store = Store(config.storage.path, on_failure=self._store_failed)
+        self.failed = asyncio.Event()  # the store broke for good: `serve` exits non-zero
         self.queue_changed = asyncio.Event()
         sub = config.submission
         if sub.self_signed_if_missing and ensure_self_signed(
@@ -89,24 +92,35 @@ class Service:
             oldest = queue.oldest_pending(self._snapshot_conn)
         return counts, None if oldest is None else max(0.0, time.time() - oldest)
 
+    def _store_failed(self, error: BaseException) -> None:
+        self.failed.set()
+
     async def start(self) -> None:
-        await self.store.start()
-        self._snapshot_conn = connect(self.config.storage.path)
-        await self.metrics_server.start()
-        if self.delivery is None:
-            log.warning("event=delivery_held (delivery.hold = true: mail is queued, not sent)")
-        else:
-            await self.delivery.start()
-        await self.submission.start()
+        """Start every part in dependency order. A start that fails half way (a port in use,
+        say) stops what it had started, releases the lock, and raises."""
+        self.lock.acquire()  # AlreadyRunning: another service has this database
+        try:
+            await self.store.start()
+            self._snapshot_conn = connect(self.config.storage.path)
+            await self.metrics_server.start()
+            if self.delivery is None:
+                log.warning("event=delivery_held (delivery.hold = true: mail is queued, not sent)")
+            else:
+                await self.delivery.start()
+            await self.submission.start()
+        except BaseException:
+            await self.stop(announce=False)
+            raise
         sd_notify("READY=1\nSTATUS=accepting mail")
         log.info("event=started hostname=%s", self.config.hostname)
 
-    async def stop(self) -> None:
+    async def stop(self, *, announce: bool = True) -> None:
         if self._stopped:
             return
         self._stopped = True
-        sd_notify("STOPPING=1")
-        log.info("event=stopping")
+        if announce:
+            sd_notify("STOPPING=1")
+            log.info("event=stopping")
         await self.submission.stop()
         if self.delivery is not None:
             await self.delivery.stop()
@@ -116,7 +130,9 @@ class Service:
             if self._snapshot_conn is not None:
                 self._snapshot_conn.close()
                 self._snapshot_conn = None
-        log.info("event=stopped")
+        self.lock.release()
+        if announce:
+            log.info("event=stopped")
 
 
 class InlineDelivery:
@@ -142,8 +158,13 @@ class InlineDelivery:
         await self.pool.stop()
 
 
+class ServiceFailed(Exception):
+    """The service stopped because a part of it broke; the message says which."""
+
+
 async def serve(config: Config, on_started: object = None) -> None:
-    """Run until SIGTERM or SIGINT, then stop gracefully."""
+    """Run until SIGTERM or SIGINT, then stop gracefully; raise ServiceFailed if the store
+    broke for good (systemd's Restart=on-failure then starts a fresh process)."""
     service = Service(config)
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
@@ -153,9 +174,17 @@ async def serve(config: Config, on_started: object = None) -> None:
     if callable(on_started):
         on_started(service)
     try:
-        await stop.wait()
+        stopped, failed = (
+            asyncio.create_task(stop.wait()),
+            asyncio.create_task(service.failed.wait()),
+        )
+        await asyncio.wait({stopped, failed}, return_when=asyncio.FIRST_COMPLETED)
+        stopped.cancel()
+        failed.cancel()
     finally:
         await service.stop()
+    if service.failed.is_set():
+        raise ServiceFailed(f"the store failed: {service.store.failure!r}")
 
 
 def sd_notify(state: str) -> None:

@@ -16,7 +16,8 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import PASSWORD, free_port, write_config_file
+from mailrelay.service import Service
+from tests.conftest import PASSWORD, free_port, make_config, write_config_file
 from tests.test_submission import MESSAGE, queued_id, send_raw
 from tests.world import MODERN, World
 
@@ -226,3 +227,40 @@ connect_timeout = 5
 """
     )
     return path, port, metrics_port
+
+
+async def test_a_second_serve_on_the_same_database_refuses(
+    tmp_path: Path, notify_socket: socket.socket
+) -> None:
+    config, _port = write_config_file(tmp_path)
+    proc = start(config, notify_socket)
+    try:
+        assert (await run(notify_socket.recv, 1024)).startswith(b"READY=1")
+        second = await run(cli, config, "serve")
+        database = tmp_path / "queue.sqlite3"
+        assert (second.returncode, second.stdout) == (1, "")
+        assert second.stderr == (
+            f"mailrelay: another mailrelay (pid {proc.pid}) is serving {database}; stop it first\n"
+        )
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        assert await run(proc.wait, 30) == 0
+        assert proc.stderr is not None
+        proc.stderr.close()
+
+
+async def test_a_start_that_fails_half_way_closes_what_it_opened(tmp_path: Path) -> None:
+    cfg = make_config(tmp_path)
+    busy = socket.socket()
+    busy.bind(("127.0.0.1", cfg.submission.listen[0].port))
+    busy.listen()
+    try:
+        service = Service(cfg)
+        with pytest.raises(OSError):
+            await service.start()
+    finally:
+        busy.close()
+    # The lock and the database were given back: the next start on them works.
+    again = Service(cfg)
+    await again.start()
+    await again.stop()

@@ -11,6 +11,7 @@ from pathlib import Path
 import pytest
 
 from mailrelay.store import Store, queue
+from mailrelay.store.writer import StoreFailed
 from mailrelay.submission.auth import FailureThrottle
 from tests.conftest import Relay
 from tests.test_submission import MESSAGE, queued_id, send_raw
@@ -66,7 +67,9 @@ async def test_a_failing_operation_is_rolled_back_alone(tmp_path: Path) -> None:
         await store.stop()
 
 
-async def test_full_disk_is_a_451_and_nothing_is_half_queued(relay: Relay) -> None:
+async def test_full_disk_is_a_451_and_nothing_is_half_queued(
+    relay: Relay, caplog: pytest.LogCaptureFixture
+) -> None:
     store = relay.service.store
     pages = await store.read(lambda c: c.execute("PRAGMA page_count").fetchone()[0])
     # SQLite's own "database or disk is full" (SQLITE_FULL), on the writer's connection.
@@ -84,8 +87,63 @@ async def test_full_disk_is_a_451_and_nothing_is_half_queued(relay: Relay) -> No
         b"4.3.0 Local error: message not queued, try again later",
     )
     assert queue.list_queue(relay.db()) == []
+    # The log names the real cause, not the savepoint SQLite had already rolled back.
+    failures = [r.getMessage() for r in caplog.records if "store commit failed" in r.getMessage()]
+    assert failures and all("full" in m and "savepoint" not in m for m in failures), failures
     await store.write(lambda c: c.execute("PRAGMA max_page_count = 1073741823"))
     queued_id(await asyncio.to_thread(submit))
+
+
+class WriterKilled(BaseException):
+    """Stands for what kills a writer thread for good (ROLLBACK itself failing, say)."""
+
+
+def kill_writer(conn: sqlite3.Connection) -> None:
+    raise WriterKilled("the writer's connection broke")
+
+
+async def test_a_dead_writer_fails_every_commit_at_once(tmp_path: Path) -> None:
+    failures: list[BaseException] = []
+    told = asyncio.Event()
+
+    def on_failure(error: BaseException) -> None:
+        failures.append(error)
+        told.set()
+
+    store = Store(str(tmp_path / "q.sqlite3"), on_failure=on_failure)
+    await store.start()
+    try:
+        waiting: list[asyncio.Future[None]] = [
+            asyncio.ensure_future(store.write(kill_writer)),
+            *(asyncio.ensure_future(store.write(lambda c: None)) for _ in range(3)),
+        ]
+        results = await asyncio.wait_for(
+            asyncio.gather(*waiting, return_exceptions=True), timeout=5
+        )
+        assert all(isinstance(r, StoreFailed) for r in results), results
+        with pytest.raises(StoreFailed, match="the writer's connection broke"):
+            await store.write(lambda c: None)
+        await asyncio.wait_for(told.wait(), timeout=5)  # called on the event loop, once
+        assert [type(f) for f in failures] == [WriterKilled]
+    finally:
+        await asyncio.wait_for(store.stop(), timeout=5)
+
+
+async def test_a_dead_writer_refuses_mail_and_stops_the_service(relay: Relay) -> None:
+    with pytest.raises(StoreFailed):
+        await relay.service.store.write(kill_writer)
+    await asyncio.wait_for(relay.service.failed.wait(), timeout=5)
+
+    def submit() -> tuple[int, bytes]:
+        client = relay.session()
+        reply = send_raw(client, "alice@example.org", ["bob@example.net"], MESSAGE + b".\r\n")
+        client.quit()
+        return reply
+
+    assert await asyncio.to_thread(submit) == (
+        451,
+        b"4.3.0 Local error: message not queued, try again later",
+    )
 
 
 @pytest.mark.parametrize(

@@ -9,6 +9,7 @@ its own SAVEPOINT, so one that fails is rolled back alone and the others still c
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import queue
 import sqlite3
@@ -37,13 +38,28 @@ class StoreClosed(RuntimeError):
     """The store is stopping or stopped; nothing more can be written."""
 
 
+class StoreFailed(StoreClosed):
+    """The writer met an error it cannot recover from; nothing more will be written."""
+
+
 class Store:
     """Async front of the database: `write` is group-committed, `read` runs off the event loop."""
 
-    def __init__(self, path: str, *, busy_timeout: float = 30.0) -> None:
+    def __init__(
+        self,
+        path: str,
+        *,
+        busy_timeout: float = 30.0,
+        on_failure: Callable[[BaseException], None] | None = None,
+    ) -> None:
         self.path = path
         # How long a commit waits for a lock another process holds before it fails.
         self.busy_timeout = busy_timeout
+        # Called on the event loop if the writer breaks for good (the service then exits and
+        # systemd starts it again): every write from then on fails at once with StoreFailed.
+        self.on_failure = on_failure
+        self.failure: BaseException | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None
         self._jobs: queue.SimpleQueue[_Operation | None] = queue.SimpleQueue()
         self._thread: threading.Thread | None = None
         self._reader: sqlite3.Connection | None = None
@@ -58,6 +74,7 @@ class Store:
         self._thread = threading.Thread(
             target=self._run, args=(writer,), name="mailrelay-store-writer", daemon=True
         )
+        self._loop = asyncio.get_running_loop()
         self._closed = False
         self._thread.start()
 
@@ -74,6 +91,8 @@ class Store:
 
     async def write(self, op: Callable[[sqlite3.Connection], T]) -> T:
         """Run `op` in a transaction; return once its effects are committed to disk."""
+        if self.failure is not None:
+            raise StoreFailed(f"the store failed: {self.failure!r}")
         if self._closed:
             raise StoreClosed("the store is closed")
         loop = asyncio.get_running_loop()
@@ -94,6 +113,7 @@ class Store:
             return op(self._reader)
 
     def _run(self, conn: sqlite3.Connection) -> None:
+        group: list[_Operation] = []
         try:
             while True:
                 first = self._jobs.get()
@@ -111,10 +131,28 @@ class Store:
                         break
                     group.append(job)
                 self._commit(conn, group)
+                group = []
                 if stopping:
                     return
+        except BaseException as exc:  # a writer that dies must say so, whatever killed it
+            self._broken(exc, group)
         finally:
-            conn.close()
+            with contextlib.suppress(sqlite3.Error):
+                conn.close()
+
+    def _broken(self, exc: BaseException, group: list[_Operation]) -> None:
+        """The writer cannot go on (say ROLLBACK itself failed). Fail the group in hand and
+        every operation after it, at once: a caller waiting for a commit that will never come
+        would hang its SMTP session while the server still answers EHLO."""
+        log.critical("event=store_failed error=%r", exc)
+        self.failure = exc
+        failed = StoreFailed(f"the store failed: {exc!r}")
+        for job in group:
+            job.loop.call_soon_threadsafe(_settle, job.future, None, failed)
+        if self._loop is not None and self.on_failure is not None:
+            self._loop.call_soon_threadsafe(self.on_failure, exc)
+        while (pending := self._jobs.get()) is not None:
+            pending.loop.call_soon_threadsafe(_settle, pending.future, None, failed)
 
     def _commit(self, conn: sqlite3.Connection, group: list[_Operation]) -> None:
         outcomes: list[tuple[_Operation, Any, BaseException | None]] = []
@@ -125,6 +163,10 @@ class Store:
                 try:
                     result = job.op(conn)
                 except Exception as exc:  # one failed operation must not sink the group
+                    if isinstance(exc, sqlite3.Error) and not conn.in_transaction:
+                        # SQLite rolled the whole transaction back itself (disk full, I/O
+                        # error): the group fails, with this as the cause in the log.
+                        raise
                     conn.execute("ROLLBACK TO op")
                     conn.execute("RELEASE op")
                     outcomes.append((job, None, exc))
