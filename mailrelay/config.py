@@ -20,6 +20,7 @@ from typing import Any, Literal, get_args
 SecurityLevel = Literal["encrypt", "verify", "dane"]
 CipherProfile = Literal["ncsc-2025", "nist-800-52r2", "tls13-only"]
 InsecureAction = Literal["bounce", "defer"]
+AddressFamily = Literal["ipv4", "ipv6", "both"]
 LogFormat = Literal["kv", "json"]
 DkimAlgorithm = Literal["rsa", "rsa+ed25519"]
 
@@ -85,6 +86,15 @@ class DeliveryConfig:
     separate_process: bool = True
     connect_timeout: float = 30.0
     command_timeout: float = 120.0
+    # Bounds on one attempt, so that a domain with dozens of MX records (or a hostile one)
+    # cannot hold a worker for hours: MX hosts tried (chasquid: 5), addresses tried in all
+    # (Postfix smtp_mx_address_limit), and a deadline for the whole attempt.
+    max_mx_hosts: int = 5
+    max_mx_addresses: int = 10
+    attempt_deadline: float = 600.0
+    # Which addresses to connect to: a host without IPv6 should say "ipv4" rather than try
+    # every AAAA record and wait for each to fail.
+    address_family: AddressFamily = "both"
     dns_timeout: float = 10.0
     # MTA-STS policy fetches (RFC 8461 §3.3): the HTTPS port (tests point it elsewhere) and a
     # deadline for the whole fetch, short because it delays delivery to that domain.
@@ -236,6 +246,10 @@ def parse(raw: dict[str, Any], *, base_dir: Path) -> Config:
         separate_process=del_t.boolean("separate_process", d.separate_process),
         connect_timeout=del_t.duration("connect_timeout", d.connect_timeout),
         command_timeout=del_t.duration("command_timeout", d.command_timeout),
+        max_mx_hosts=del_t.integer("max_mx_hosts", d.max_mx_hosts, 1, 100),
+        max_mx_addresses=del_t.integer("max_mx_addresses", d.max_mx_addresses, 1, 1000),
+        attempt_deadline=del_t.duration("attempt_deadline", d.attempt_deadline),
+        address_family=del_t.choice("address_family", AddressFamily, d.address_family),
         dns_timeout=del_t.duration("dns_timeout", d.dns_timeout),
         mta_sts_port=del_t.integer("mta_sts_port", d.mta_sts_port, 1, 65535),
         mta_sts_timeout=del_t.duration("mta_sts_timeout", d.mta_sts_timeout),

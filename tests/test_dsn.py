@@ -11,6 +11,7 @@ from email.message import EmailMessage, Message
 import pytest
 
 from mailrelay.delivery.dsn import RecipientStatus, build_dsn
+from mailrelay.delivery.result import Insecure
 
 ARRIVED = dt.datetime(2025, 3, 4, 10, 0, 0, tzinfo=dt.UTC)
 TRIED = dt.datetime(2025, 3, 4, 10, 5, 30, tzinfo=dt.UTC)
@@ -30,6 +31,7 @@ TLS_REFUSED = RecipientStatus(
     diagnostic_code="mx1.dest.example[192.0.2.1]: negotiated TLSv1.0",
     remote_mta="mx1.dest.example",
     last_attempt_date=TRIED,
+    insecure=Insecure.PROTOCOL,
 )
 NO_USER = RecipientStatus(
     final_recipient="carol@dest.example",
@@ -102,8 +104,9 @@ def test_human_part_says_why_in_plain_language() -> None:
     assert "relay.example.net" in plain
     assert "<alice@sender.example>" in plain
     assert "<bob@dest.example>:" in plain
-    assert "encryption (TLS protocol version or cipher) was below the security policy" in plain
-    assert "the message was not sent" in plain
+    assert "no receiving server (MX) for this address met the transport security policy" in plain
+    assert "encryption (TLS protocol version or cipher) was below that policy" in plain
+    assert "The message was not sent" in plain
     assert "negotiated TLSv1.0" in plain
     assert "<carol@dest.example>:" in plain
     assert "does not exist" in plain
@@ -111,17 +114,22 @@ def test_human_part_says_why_in_plain_language() -> None:
 
 
 @pytest.mark.parametrize(
-    ("status", "phrase"),
+    ("status", "insecure", "phrase"),
     [
-        ("5.7.4", "does not offer encryption (STARTTLS)"),
-        ("5.7.5", "certificate or TLS handshake failed"),
-        ("5.4.7", "within the maximum time"),
-        ("5.3.4", "larger than the receiving server accepts"),
-        ("5.6.0", "permanently refused the message"),
+        ("5.7.4", Insecure.NO_STARTTLS, "does not offer encryption (STARTTLS)"),
+        ("5.7.5", Insecure.CERTIFICATE, "certificate failed verification"),
+        ("5.7.5", Insecure.HANDSHAKE, "TLS handshake with the receiving server failed"),
+        ("5.7.5", Insecure.DANE, "does not match the DANE (TLSA) records"),
+        ("5.7.5", Insecure.MTA_STS, "MTA-STS policy the recipient's domain publishes"),
+        # The same codes in the server's own reply are the server refusing, not our policy.
+        ("5.7.4", None, "permanently refused the message"),
+        ("5.4.7", None, "within the maximum time"),
+        ("5.3.4", None, "larger than the receiving server accepts"),
+        ("5.6.0", None, "permanently refused the message"),
     ],
 )
-def test_explanations_by_status(status: str, phrase: str) -> None:
-    rcpt = RecipientStatus("bob@dest.example", "failed", status, "smtp; 550 no")
+def test_explanations_by_status(status: str, insecure: Insecure | None, phrase: str) -> None:
+    rcpt = RecipientStatus("bob@dest.example", "failed", status, "smtp; 550 no", insecure=insecure)
     text = parts(parse(build([rcpt])))[0].get_payload(decode=True)
     assert isinstance(text, bytes)
     assert phrase in " ".join(text.decode().split())

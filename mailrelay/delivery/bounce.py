@@ -4,9 +4,11 @@ the sending domain's notification address, queued like any other message."""
 from __future__ import annotations
 
 import datetime as dt
+from collections.abc import Mapping
 
 from mailrelay.config import Config
 from mailrelay.delivery.dsn import RecipientStatus, build_dsn
+from mailrelay.delivery.result import Insecure
 from mailrelay.store.claims import Job, RecipientUpdate
 from mailrelay.store.queue import NewMessage
 
@@ -17,9 +19,17 @@ def header_section(data: bytes) -> bytes:
 
 
 def bounce_for(
-    config: Config, job: Job, bounced: list[RecipientUpdate], notify: str | None
+    config: Config,
+    job: Job,
+    bounced: list[RecipientUpdate],
+    notify: str | None,
+    insecure: Mapping[int, Insecure] | None = None,
 ) -> NewMessage | None:
-    """None when no DSN is due: a bounce is never bounced (RFC 3464 §2.2.1 null sender)."""
+    """None when no DSN is due: a bounce is never bounced (RFC 3464 §2.2.1 null sender).
+
+    `insecure` maps the recipient ids that bounced because no MX met the transport policy to
+    the reason, so the bounce can say so rather than guess from the status code."""
+    insecure = insecure or {}
     if job.is_bounce or not bounced:
         return None
     to = [a for a in dict.fromkeys([job.sender, notify or ""]) if a]
@@ -38,6 +48,7 @@ def bounce_for(
                 last_attempt_date=dt.datetime.fromtimestamp(
                     last.at if last else job.created_at, dt.UTC
                 ),
+                insecure=insecure.get(o.recipient_id),
             )
         )
     data = build_dsn(

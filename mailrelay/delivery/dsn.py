@@ -16,6 +16,8 @@ from dataclasses import dataclass
 from email.utils import format_datetime
 from typing import Literal
 
+from mailrelay.delivery.result import Insecure
+
 Action = Literal["failed", "delayed"]
 
 _LINE = 78  # RFC 5322 SHOULD; folding keeps every line well under the 998 MUST
@@ -30,6 +32,9 @@ class RecipientStatus:
     remote_mta: str | None = None  # the MX host name, when one was reached
     last_attempt_date: dt.datetime | None = None
     will_retry_until: dt.datetime | None = None  # "delayed" only
+    # Set when no MX met the transport policy: the reason, as the delivery decided it. A 5.7.x
+    # from the server's own reply is the server refusing, and leaves this None.
+    insecure: Insecure | None = None
 
 
 def build_dsn(
@@ -145,7 +150,7 @@ def _address_field(address: str) -> str:
 
 def _diagnostic(code: str) -> str:
     # RFC 3464: diagnostic-type ";" text, all US-ASCII. Server replies may carry anything.
-    text = _ascii(" ".join(code.split()))
+    text = _ascii(_printable(code))
     if re.match(r"[A-Za-z][A-Za-z0-9-]*;", text):
         return text
     return f"X-mailrelay; {text}"
@@ -207,32 +212,69 @@ def _human_text(
     return "\r\n".join(lines) + "\r\n"
 
 
+# Why the MX that said most about the destination (`result.most_telling`) was refused.
+_NO_STARTTLS = (
+    "The receiving server does not offer encryption (STARTTLS), and this relay never sends "
+    "mail unencrypted."
+)
+_WEAK_TLS = (
+    "The receiving server's encryption (TLS protocol version or cipher) was below that policy."
+)
+_INSECURE_WHY = {
+    Insecure.NO_STARTTLS: _NO_STARTTLS,
+    Insecure.STARTTLS_REFUSED: (
+        "The receiving server refused encryption (STARTTLS), and this relay never sends mail "
+        "unencrypted."
+    ),
+    Insecure.PROTOCOL: _WEAK_TLS,
+    Insecure.CIPHER: _WEAK_TLS,
+    Insecure.CERTIFICATE: "The receiving server's certificate failed verification.",
+    Insecure.HANDSHAKE: "The TLS handshake with the receiving server failed.",
+    Insecure.DANE: (
+        "The receiving server's certificate does not match the DANE (TLSA) records the "
+        "recipient's domain publishes."
+    ),
+    Insecure.DANE_REQUIRED: (
+        "This relay requires DANE for the recipient's domain, and the receiving server has no "
+        "usable DANE (TLSA) records."
+    ),
+    Insecure.MTA_STS: (
+        "The MTA-STS policy the recipient's domain publishes does not allow the receiving "
+        "server or its certificate."
+    ),
+}
+
+
 def _explain(r: RecipientStatus) -> str:
-    """Say in plain language why, from the RFC 3463 status code."""
+    """Say in plain language why: from the insecure reason where no MX met the transport
+    policy, else from the RFC 3463 status code."""
     klass, _, detail = r.status.partition(".")
-    if r.action == "delayed" or klass == "4":
+    if r.insecure is not None:
+        why = _INSECURE_WHY[r.insecure]
+        if r.action == "delayed":
+            return (
+                "The message has not been sent yet: no receiving server (MX) for this address "
+                f"meets the transport security policy this relay requires. {why} "
+                "Delivery will be retried."
+            )
         return (
-            "A temporary problem prevented delivery (the receiving server was unreachable, "
-            "busy, or asked us to try later). Delivery will be retried."
+            "The message was not sent: no receiving server (MX) for this address met the "
+            f"transport security policy this relay requires. {why}"
         )
-    if detail == "7.10":
+    if r.action == "delayed":
         return (
-            "The receiving server's encryption (TLS protocol version or cipher) was below "
-            "the security policy this relay requires for personal data, so the message was "
-            "not sent to it."
+            "A temporary problem has prevented delivery so far (the receiving server was "
+            "unreachable, busy, or asked us to try later). Delivery will be retried."
         )
-    if detail == "7.4":
-        return (
-            "The receiving server does not offer encryption (STARTTLS). This relay never "
-            "sends mail unencrypted, so the message was not sent."
-        )
-    if detail == "7.5":
-        return (
-            "A secure connection to the receiving server could not be set up: its "
-            "certificate or TLS handshake failed. The message was not sent."
-        )
+    # Expiry first: 4.4.7 is class 4 because the last errors were temporary, but the message
+    # has been given up.
     if detail == "4.7":
-        return "The message could not be delivered within the maximum time and was given up."
+        return (
+            "The message could not be delivered within the maximum time this relay keeps "
+            "trying, and was given up. It will not be retried."
+        )
+    if klass == "4":
+        return "A temporary problem prevented delivery, and the message was given up."
     if detail.startswith("1."):
         return "The receiving server says this address does not exist or cannot receive mail."
     if detail.startswith("3.4"):
@@ -241,8 +283,10 @@ def _explain(r: RecipientStatus) -> str:
 
 
 def _printable(text: str) -> str:
-    # Reply text came off the wire (aiosmtplib keeps undecodable bytes as surrogates).
-    return " ".join(text.encode("utf-8", "replace").decode("utf-8").split())
+    # Defence in depth: the delivery already keeps server text printable (reply.server_text),
+    # but a diagnostic may also quote an exception. Every line of a DSN must stay one line.
+    text = text.encode("utf-8", "replace").decode("utf-8")
+    return " ".join("".join(c if c.isprintable() else " " for c in text).split())
 
 
 def _wrap(text: str, width: int) -> list[str]:

@@ -186,10 +186,15 @@ class TransportPolicy:
 
     async def destination(self, domain: str) -> Destination | Result:
         """The routes for `domain`, or why there are none (DNS: transient or permanent)."""
-        hosts = await self.resolver.resolve_mx(domain)
-        if isinstance(hosts, MxFailure):
-            kind = Kind.PERMANENT if hosts.permanent else Kind.TRANSIENT
-            return Result(kind, hosts.status, hosts.detail)
+        found = await self.resolver.resolve_mx(domain)
+        if isinstance(found, MxFailure):
+            kind = Kind.PERMANENT if found.permanent else Kind.TRANSIENT
+            return Result(kind, found.status, found.detail)
+        hosts = self.within_limits(found)
+        if not hosts:
+            family = self.config.delivery.address_family
+            detail = f"no address of any MX host of {domain} is {family} (delivery.address_family)"
+            return Result(Kind.TRANSIENT, "4.4.4", detail)
         prepared = await asyncio.gather(*(rule.prepare(domain, hosts) for rule in self.rules))
         routes = []
         for host in hosts:
@@ -199,6 +204,25 @@ class TransportPolicy:
                     route = rule.route(route)
             routes.append(route)
         return Destination(domain, tuple(routes), tuple(prepared))
+
+
+    def within_limits(self, hosts: Sequence[MxHost]) -> list[MxHost]:
+        """The MX hosts an attempt tries: the first `max_mx_hosts`, each with the addresses of
+        the configured family, `max_mx_addresses` in all; hosts left with none are dropped."""
+        d = self.config.delivery
+        left = d.max_mx_addresses
+        kept = []
+        for host in hosts[: d.max_mx_hosts]:
+            addresses = tuple(a for a in host.addresses if _family_ok(a, d.address_family))
+            addresses = addresses[: max(left, 0)]
+            left -= len(addresses)
+            if addresses:
+                kept.append(replace(host, addresses=addresses))
+        return kept
+
+
+def _family_ok(address: str, family: str) -> bool:
+    return family == "both" or (":" in address) == (family == "ipv6")
 
 
 def raised(route: Route, authentication: Authentication, sni: str | None = None) -> Route:

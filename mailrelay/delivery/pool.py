@@ -79,9 +79,14 @@ class SessionPool:
         opened = await self._acquire(mx_name, address, requirement, fresh)
         try:
             yield opened
-        finally:
+        except BaseException:
+            # Cancelled (the attempt's deadline, a shutdown) or broken mid-transaction: the
+            # session is in an unknown state, so it is closed, never offered again.
             if isinstance(opened, Session):
-                self._release(opened)
+                self._discard(opened)
+            raise
+        if isinstance(opened, Session):
+            self._release(opened)
 
     async def _acquire(
         self, mx_name: str, address: str, requirement: TlsRequirement, fresh: bool
@@ -114,9 +119,16 @@ class SessionPool:
         if session.alive and uses + 1 < MAX_USES:
             self._idle.setdefault(key, []).append(_Idle(session, time.monotonic(), uses + 1))
         else:
-            task = asyncio.get_running_loop().create_task(session.close())
-            self._closing.add(task)  # a task nobody references may be collected mid-QUIT
-            task.add_done_callback(self._closing.discard)
+            self._close_later(session)
+
+    def _discard(self, session: Session) -> None:
+        self._uses.pop(id(session), None)
+        session.abort()
+
+    def _close_later(self, session: Session) -> None:
+        task = asyncio.get_running_loop().create_task(session.close())
+        self._closing.add(task)  # a task nobody references may be collected mid-QUIT
+        task.add_done_callback(self._closing.discard)
 
     async def _reap(self) -> None:
         while True:

@@ -14,6 +14,7 @@ import contextlib
 import dataclasses
 import functools
 import logging
+import re
 import sqlite3
 import time
 from collections.abc import Callable
@@ -22,7 +23,7 @@ from mailrelay.config import Config
 from mailrelay.delivery import retry
 from mailrelay.delivery.bounce import bounce_for
 from mailrelay.delivery.courier import Courier
-from mailrelay.delivery.result import Kind, Result
+from mailrelay.delivery.result import Insecure, Kind, Result
 from mailrelay.metrics import Metrics
 from mailrelay.store import Store, accounts, claims, queue
 from mailrelay.store.claims import ClaimedRecipient, Job, RecipientUpdate
@@ -41,6 +42,10 @@ DELIVERY_LINE = (
     "event=delivery queue_id=%s domain=%s mx=%s tls=%s cipher=%s policy=%s"
     " status=%s dsn=%s delay=%.1f attempts=%d reply=%r%s"
 )
+# An address inside a reply or diagnostic: a remote server echoing the recipient or the sender
+# ("550 5.1.1 <bob@example.net>: Recipient address rejected"), or our own "invalid address".
+# The local part, quoted or not, up to the "@".
+_LOCAL_PART = re.compile(r"""(?:"(?:[^"\\]|\\.)*"|[^\s"<>()\[\],;:@]+)@""")
 
 
 class QueueRunner:
@@ -146,17 +151,28 @@ class QueueRunner:
         updates = [
             self._expire(r, r.last_diagnostic or "the attempt was interrupted") for r in given_up
         ]
+        insecure: dict[int, Insecure] = {}  # for the bounce: why no MX met the policy
         if due:
             results = await self._deliver(dataclasses.replace(job, recipients=tuple(due)))
             now = self.clock()
             updates += [self.decide(job, r, res, now) for r, res in zip(due, results, strict=True)]
-        await self._record(job, updates)
+            insecure = {
+                r.id: res.insecure for r, res in zip(due, results, strict=True) if res.insecure
+            }
+        await self._record(job, updates, insecure)
 
     async def _deliver(self, job: Job) -> list[Result]:
+        deadline = self.config.delivery.attempt_deadline
         try:
-            results = await self.courier.deliver(job)
+            async with asyncio.timeout(deadline):
+                results = await self.courier.deliver(job)
         except asyncio.CancelledError:
             raise
+        except TimeoutError:
+            # A server that answers slowly enough to stay inside every command timeout must not
+            # hold a worker for hours; whatever it had, the attempt is over and counts.
+            why = f"the delivery attempt took longer than {deadline:g}s (delivery.attempt_deadline)"
+            return [Result(Kind.TRANSIENT, "4.4.1", why)] * len(job.recipients)
         except Exception as exc:
             # A bug must not take the worker down nor strand the recipients: the attempt counts
             # as transient, so it is retried on schedule and ends at max_queue_lifetime.
@@ -227,7 +243,9 @@ class QueueRunner:
 
     # -- recording --------------------------------------------------------------------------
 
-    async def _record(self, job: Job, updates: list[RecipientUpdate]) -> None:
+    async def _record(
+        self, job: Job, updates: list[RecipientUpdate], insecure: dict[int, Insecure]
+    ) -> None:
         bounced = [u for u in updates if u.state == "bounced"]
         notify = None
         if bounced and not job.is_bounce and job.sender_domain:
@@ -235,7 +253,7 @@ class QueueRunner:
                 lambda c: accounts.get_domain(c, job.sender_domain or "")
             )
             notify = domain.notify if domain else None
-        dsn = bounce_for(self.config, job, bounced, notify) if bounced else None
+        dsn = bounce_for(self.config, job, bounced, notify, insecure) if bounced else None
         now = self.clock()
 
         def commit(conn: sqlite3.Connection) -> str | None:
@@ -278,6 +296,9 @@ class QueueRunner:
             last = u.evidence[-1] if u.evidence else None
             # Postfix's status= line, minus the address: the journal is kept and shipped with
             # less care than the database, so it names the domain; `mailrelay log` the address.
+            # The reply stays, because it says why (as Postfix's line does), but with every
+            # address in it reduced to its domain, "<…@example.net>": a remote server often
+            # echoes the recipient. The event record keeps the reply as the server sent it.
             log.info(
                 DELIVERY_LINE,
                 job.message_id,
@@ -290,7 +311,7 @@ class QueueRunner:
                 u.status,
                 now - job.created_at,
                 len(u.evidence),
-                u.diagnostic,
+                _LOCAL_PART.sub("…@", u.diagnostic),
                 f" bounce_id={bounce_id}" if bounce_id and u.state == "bounced" else "",
             )
         if job.is_bounce and any(u.state == "bounced" for u in updates):

@@ -21,7 +21,7 @@ import aiosmtplib
 from mailrelay.delivery.certificates import CertificateFacts, certificate_facts
 from mailrelay.delivery.ciphers import shared_client_context
 from mailrelay.delivery.policy import Accepted, Handshake, Refusal, TlsRequirement
-from mailrelay.delivery.reply import Reply
+from mailrelay.delivery.reply import Reply, server_text
 from mailrelay.delivery.result import Evidence, Insecure, Kind, Result
 
 
@@ -126,7 +126,8 @@ class _Attempt:
         insecure: Insecure | None = None,
         tls: TlsFacts | None = None,
     ) -> Result:
-        where = f"{self.where}: {detail}"
+        # The detail may quote the server (its reply, a malformed line, a certificate's names).
+        where = f"{self.where}: {server_text(detail)}"
         evidence = Evidence(
             at=time.time(),
             kind=kind,
@@ -327,6 +328,10 @@ class Session:
     async def __aexit__(self, *exc_info: object) -> None:
         await self.close()
 
+    def abort(self) -> None:
+        """Drop the connection without QUIT: for a session left mid-transaction."""
+        self._smtp.close()
+
     async def close(self) -> None:
         """QUIT and close; tolerates a peer that is already gone."""
         await _quit(self._smtp)
@@ -438,7 +443,7 @@ class Session:
             except aiosmtplib.SMTPServerDisconnected as exc:
                 raise _Lost("connection lost during DATA") from exc
             except aiosmtplib.SMTPResponseException as exc:  # a malformed reply
-                raise _Lost(f"unreadable reply to DATA: {exc.message}") from exc
+                raise _Lost(f"unreadable reply to DATA: {server_text(exc.message)}") from exc
             return undecided(reply.kind, reply.status, reply, f"DATA: {reply}")
         except _Lost as exc:
             self._smtp.close()
@@ -454,5 +459,6 @@ class Session:
         except aiosmtplib.SMTPServerDisconnected as exc:
             raise _Lost(f"connection lost during {stage}") from exc
         except aiosmtplib.SMTPResponseException as exc:
-            raise _Lost(f"unreadable reply to {stage}: {exc.message}") from exc
+            # aiosmtplib's message quotes the malformed line the server sent.
+            raise _Lost(f"unreadable reply to {stage}: {server_text(exc.message)}") from exc
         return Reply.parse(response.code, response.message)
