@@ -139,6 +139,28 @@ class RecordsConfig:
 
 
 @dataclass(frozen=True)
+class LimitsConfig:
+    """What one client or one credential may take; 0 means no limit for the counts.
+
+    Connections (like Postfix's smtpd_client_connection_count_limit / anvil): past a cap a new
+    connection is answered `421 4.7.0` and closed. Sessions that have not authenticated get a
+    shorter timeout. Rates and quotas are per authenticated user, counted in the store so that
+    a restart does not reset them, answered `451 4.7.1` (messages) or `452 4.5.3` (recipients)
+    with the window in the text. AUTH failures back off per client address and per login name
+    across sessions, doubling up to `auth_backoff_max`.
+    """
+
+    max_connections: int = 1000
+    max_connections_per_ip: int = 50
+    max_unauthenticated_per_ip: int = 10
+    pre_auth_timeout: float = 60.0
+    messages_per_minute: int = 300
+    recipients_per_hour: int = 5000
+    recipients_per_day: int = 20000
+    auth_backoff_max: float = 16.0
+
+
+@dataclass(frozen=True)
 class MetricsConfig:
     listen: ListenAddress | None = ListenAddress("127.0.0.1", 9187)
 
@@ -157,6 +179,7 @@ class Config:
     delivery: DeliveryConfig = field(default_factory=DeliveryConfig)
     dkim: DkimConfig = DkimConfig()
     records: RecordsConfig = RecordsConfig()
+    limits: LimitsConfig = LimitsConfig()
     metrics: MetricsConfig = MetricsConfig()
     log: LogConfig = LogConfig()
 
@@ -274,6 +297,29 @@ def parse(raw: dict[str, Any], *, base_dir: Path) -> Config:
     )
     rec_t.done()
 
+    lim_t = top.table("limits")
+    lim = LimitsConfig()
+    limits = LimitsConfig(
+        max_connections=lim_t.integer("max_connections", lim.max_connections, 1, 1_000_000),
+        max_connections_per_ip=lim_t.integer(
+            "max_connections_per_ip", lim.max_connections_per_ip, 1, 1_000_000
+        ),
+        max_unauthenticated_per_ip=lim_t.integer(
+            "max_unauthenticated_per_ip", lim.max_unauthenticated_per_ip, 1, 1_000_000
+        ),
+        pre_auth_timeout=lim_t.duration("pre_auth_timeout", lim.pre_auth_timeout),
+        messages_per_minute=lim_t.integer("messages_per_minute", lim.messages_per_minute, 0),
+        recipients_per_hour=lim_t.integer("recipients_per_hour", lim.recipients_per_hour, 0),
+        recipients_per_day=lim_t.integer("recipients_per_day", lim.recipients_per_day, 0),
+        auth_backoff_max=lim_t.duration("auth_backoff_max", lim.auth_backoff_max),
+    )
+    lim_t.done()
+    if limits.max_unauthenticated_per_ip > limits.max_connections_per_ip:
+        raise ConfigError(
+            "limits.max_unauthenticated_per_ip: "
+            f"{limits.max_unauthenticated_per_ip!r} is more than limits.max_connections_per_ip"
+        )
+
     met_t = top.table("metrics")
     metrics_listen = met_t.string("listen", "127.0.0.1:9187")
     metrics = MetricsConfig(
@@ -295,6 +341,7 @@ def parse(raw: dict[str, Any], *, base_dir: Path) -> Config:
         delivery=delivery,
         dkim=dkim,
         records=records,
+        limits=limits,
         metrics=metrics,
         log=log,
     )
