@@ -170,3 +170,21 @@ def test_tarpit_forgets_after_window_and_success() -> None:
         throttle.failed("192.0.2.1")
     throttle.succeeded("192.0.2.1")
     assert throttle.delay("192.0.2.1") == 0.0
+
+
+async def test_every_commit_is_fsynced(tmp_path: Path) -> None:
+    """The kill -9 test cannot see a missing fsync (the page cache outlives the process), so
+    the settings that make SQLite fsync the WAL at each commit are checked on the connection
+    that commits: WAL with synchronous = FULL (2), which `connect` reads back and enforces."""
+    store = Store(str(tmp_path / "q.sqlite3"))
+    await store.start()
+    try:
+        mode, synchronous = await store.write(
+            lambda c: (
+                c.execute("PRAGMA journal_mode").fetchone()[0],
+                c.execute("PRAGMA synchronous").fetchone()[0],
+            )
+        )
+        assert (mode, synchronous) == ("wal", 2)
+    finally:
+        await store.stop()

@@ -127,6 +127,9 @@ MIGRATIONS: tuple[str, ...] = (
 )
 
 
+_FULL = 2  # PRAGMA synchronous = FULL: fsync the WAL at every commit
+
+
 def connect(path: str, *, busy_timeout: float = 30.0) -> sqlite3.Connection:
     """Open (creating if needed) the database, migrated to the latest schema.
 
@@ -139,8 +142,18 @@ def connect(path: str, *, busy_timeout: float = 30.0) -> sqlite3.Connection:
         path, isolation_level=None, check_same_thread=False, timeout=busy_timeout
     )
     conn.row_factory = sqlite3.Row
-    conn.execute("PRAGMA journal_mode = WAL")
+    mode = conn.execute("PRAGMA journal_mode = WAL").fetchone()[0]
     conn.execute("PRAGMA synchronous = FULL")
+    # Read back, not assumed: a file system without shared memory for the WAL index (some
+    # network mounts) silently keeps another journal mode, and then a 250 would not mean what
+    # it says. ":memory:" databases have no journal to speak of.
+    synchronous = conn.execute("PRAGMA synchronous").fetchone()[0]
+    if path != ":memory:" and (str(mode).lower() != "wal" or synchronous != _FULL):
+        conn.close()
+        raise sqlite3.OperationalError(
+            f"{path}: cannot guarantee durable commits (journal_mode={mode},"
+            f" synchronous={synchronous}); put the database on a local file system"
+        )
     conn.execute("PRAGMA foreign_keys = ON")
     conn.execute(f"PRAGMA busy_timeout = {int(busy_timeout * 1000)}")
     _migrate(conn)
