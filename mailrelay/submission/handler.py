@@ -11,13 +11,11 @@ import sqlite3
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
-from email.parser import BytesHeaderParser
-from email.policy import compat32
 from typing import Any, Literal
 
 from mailrelay.config import SubmissionConfig
 from mailrelay.store import Store, accounts, events, queue
-from mailrelay.submission import replies
+from mailrelay.submission import headers, replies
 from mailrelay.submission.message import add_submission_headers
 
 log = logging.getLogger("mailrelay.submission")
@@ -226,11 +224,15 @@ class SubmissionHandler:
             # would then see a second message hidden in this one. Refuse the whole DATA.
             return _Refusal(replies.BARE_LINE_ENDING)
         sending_domain = login.rpartition("@")[2]
-        headers = BytesHeaderParser(policy=compat32).parsebytes(data, headersonly=True)
-        from_headers = headers.get_all("From") or []
-        if len(from_headers) != 1:
+        try:
+            section = headers.read(data)
+        except headers.HeaderError as exc:
+            return _Refusal(exc.reply)
+        data = section.message
+        from_fields = section.all("From")
+        if len(from_fields) != 1:
             return _Refusal(replies.FROM_MISSING)
-        addresses = email.utils.getaddresses([str(from_headers[0])])
+        addresses = email.utils.getaddresses([from_fields[0].unfolded()])
         if not addresses or any(
             (split_address(a) or ("", ""))[1] != sending_domain for _, a in addresses
         ):

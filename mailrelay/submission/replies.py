@@ -11,11 +11,25 @@ import re
 NEED_STARTTLS = "530 5.7.0 Must issue a STARTTLS command first"
 AUTH_REQUIRED = "530 5.7.0 Authentication required"
 AUTH_FAILED = "535 5.7.8 Authentication credentials invalid"
+# RFC 4954 section 6: the password could not be checked (the store is down); try again later.
+AUTH_TEMPORARY_FAILURE = "454 4.7.0 Temporary authentication failure"
 TOO_MANY_AUTH_FAILURES = "421 4.7.0 Too many authentication failures, closing connection"
 BAD_ADDRESS = "501 5.1.3 Bad address syntax"
+# A path that is not RFC 5321 section 4.1.2 syntax. RFC 3463 has a code for each side: X.1.7
+# "bad sender's mailbox address syntax" and X.1.3 "bad destination mailbox address syntax"; the
+# generic X.5.4 "invalid command arguments" is kept for what follows a well-formed path.
+BAD_SENDER_SYNTAX = "501 5.1.7 Bad sender address syntax"
+BAD_RECIPIENT_SYNTAX = "501 5.1.3 Bad recipient address syntax"
+BAD_PATH_PARAMETERS = "501 5.5.4 Syntax error in the parameters after the address"
 SENDER_NOT_OWNED = "553 5.7.1 Sender address not owned by the authenticated user"
 FROM_NOT_OWNED = "553 5.7.1 From: header address not owned by the authenticated user"
 FROM_MISSING = "550 5.6.0 Message must have exactly one From: header"
+# A header section that is not RFC 5322 section 2.2: refused for good, never with a 4xx that
+# would have the client retry the same bytes for days. {line} counts from 1, the client's first.
+HEADER_NOT_A_FIELD = "554 5.6.0 Header line {line} is not a header field"
+HEADER_STARTS_FOLDED = (
+    "554 5.6.0 Header line 1 starts with white space: it continues no header field"
+)
 DOMAIN_NOT_VERIFIED = (
     "550 5.7.1 Sending domain {domain} is not verified; run: mailrelay domain check {domain}"
 )

@@ -3,8 +3,11 @@
 from __future__ import annotations
 
 import asyncio
+import base64
+import binascii
 import contextlib
 import logging
+import sqlite3
 import ssl
 import warnings
 from collections.abc import Callable
@@ -13,7 +16,8 @@ from typing import Any, AnyStr, Literal, cast
 from aiosmtpd.smtp import SMTP, AuthResult, LoginPassword
 
 from mailrelay.config import Config
-from mailrelay.submission import replies
+from mailrelay.store.writer import StoreClosed
+from mailrelay.submission import paths, replies
 from mailrelay.submission.auth import FailureThrottle, PasswordChecker
 from mailrelay.submission.handler import Stage, SubmissionHandler
 from mailrelay.submission.tls import server_context
@@ -26,8 +30,9 @@ class _Unverified(AuthResult):
 
 
 class SubmissionSMTP(SMTP):
-    """One connection. Adds what aiosmtpd leaves out: enhanced codes on every reply, async
-    password checks with a failure limit and tarpit, and a clean 421 on shutdown."""
+    """One connection. Adds what aiosmtpd leaves out: enhanced codes on every reply, RFC 5321
+    path syntax, async password checks with a failure limit and tarpit, and a clean 421 on
+    shutdown."""
 
     def __init__(self, server: SubmissionServer, *, implicit_tls: bool) -> None:
         cfg = server.config.submission
@@ -101,22 +106,49 @@ class SubmissionSMTP(SMTP):
     # ---- authentication --------------------------------------------------------------------
 
     async def auth_PLAIN(self, _: Any, args: list[str]) -> AuthResult:
-        return await self._check(await super().auth_PLAIN(_, args))
+        """RFC 4616. Not aiosmtpd's own, which drops the authorization identity unread: section
+        2 says a server must refuse one it does not allow, and we allow none but the login's."""
+        if len(args) == 1:
+            response = await self.challenge_auth("")
+            if not isinstance(response, bytes):
+                return AuthResult(success=False)  # "*" or not base64: aiosmtpd has replied
+        else:
+            try:
+                response = base64.b64decode(args[1], validate=True)
+            except binascii.Error:
+                await self.push("501 5.5.2 Can't decode base64")
+                return AuthResult(success=False)
+        parts = response.split(b"\0")
+        if len(parts) != 3:
+            await self.push("501 5.5.2 Can't split auth value")
+            return AuthResult(success=False)
+        authzid, login, password = parts
+        return await self._check(LoginPassword(login, password), authzid)
 
     async def auth_LOGIN(self, _: Any, args: list[str]) -> AuthResult:
-        return await self._check(await super().auth_LOGIN(_, args))
-
-    async def _check(self, result: AuthResult) -> AuthResult:
+        result = await super().auth_LOGIN(_, args)
         if not isinstance(result, _Unverified):
             return result  # malformed exchange; aiosmtpd has already replied
-        creds = cast(LoginPassword, result.auth_data)
+        return await self._check(cast(LoginPassword, result.auth_data))
+
+    async def _check(self, creds: LoginPassword, authzid: bytes = b"") -> AuthResult:
         client = self._peer_ip()
         delay = self._relay.throttle.delay(client)
         if delay:
             await asyncio.sleep(delay)
         login = creds.login.decode("utf-8", "replace")
         password = creds.password.decode("utf-8", "replace")
-        if await self._relay.checker.check(login, password):
+        # Another identity is refused before the password is looked at, so the answer (and its
+        # timing) says nothing about the password; to the client it is one more failure.
+        foreign = authzid.decode("utf-8", "replace").lower() not in ("", login.lower())
+        try:
+            ok = not foreign and await self._relay.checker.check(login, password)
+        except (StoreClosed, sqlite3.Error) as exc:
+            # Not the client's failure: it counts toward no limit, and RFC 4954 section 6 has
+            # the reply that tells the client to come back.
+            log.error("event=auth_unavailable client=%s error=%r", client, str(exc))
+            return AuthResult(success=False, handled=False, message=replies.AUTH_TEMPORARY_FAILURE)
+        if ok:
             self._relay.throttle.succeeded(client)
             log.info("event=auth_ok client=%s user=%s", client, login.lower())
             return AuthResult(success=True, auth_data=LoginPassword(login.lower().encode(), b""))
@@ -124,7 +156,12 @@ class SubmissionSMTP(SMTP):
         self._auth_failures += 1
         self._relay.on_auth_failure()
         # The login name may be a mistyped password: log neither.
-        log.warning("event=auth_failed client=%s failures=%d", client, self._auth_failures)
+        log.warning(
+            "event=auth_failed client=%s failures=%d reason=%s",
+            client,
+            self._auth_failures,
+            "authzid" if foreign else "credentials",
+        )
         return AuthResult(success=False, handled=False, message=replies.AUTH_FAILED)
 
     async def smtp_AUTH(self, arg: str) -> None:
@@ -136,9 +173,40 @@ class SubmissionSMTP(SMTP):
 
     # ---- transactions and shutdown ---------------------------------------------------------
 
-    async def smtp_MAIL(self, arg: str) -> None:
+    async def smtp_MAIL(self, arg: str | None) -> None:
+        if self._ready_for_path() and await self._bad_path(arg, "mail"):
+            return
         await super().smtp_MAIL(arg)
         self.in_transaction = self.envelope is not None and self.envelope.mail_from is not None
+
+    async def smtp_RCPT(self, arg: str | None) -> None:
+        has_sender = self.envelope is not None and self.envelope.mail_from is not None
+        if self._ready_for_path() and has_sender and await self._bad_path(arg, "rcpt"):
+            return
+        await super().smtp_RCPT(arg)
+
+    def _ready_for_path(self) -> bool:
+        """Whether aiosmtpd would get as far as reading the path: refusals for a missing EHLO or
+        AUTH (or, in RCPT, MAIL) come first, and stay aiosmtpd's."""
+        session = self.session
+        return session is not None and bool(session.host_name) and bool(session.authenticated)
+
+    async def _bad_path(self, arg: str | None, stage: Literal["mail", "rcpt"]) -> bool:
+        """Refuse (answer, count, log) a MAIL or RCPT argument that is not RFC 5321 syntax."""
+        keyword = "FROM:" if stage == "mail" else "TO:"
+        bad = paths.check(arg, keyword, null_allowed=stage == "mail")
+        if bad is None:
+            return False
+        if bad.problem is paths.Problem.PARAMETERS:
+            reply = replies.BAD_PATH_PARAMETERS
+        else:
+            reply = replies.BAD_SENDER_SYNTAX if stage == "mail" else replies.BAD_RECIPIENT_SYNTAX
+        # A refused recipient is recorded as written, as the handler's own refusals are.
+        rcpts = [bad.written] if stage == "rcpt" else []
+        await self.push(
+            self._relay.handler.refuse(self.session, self.envelope, reply, stage, rcpts)
+        )
+        return True
 
     async def smtp_RSET(self, arg: str) -> None:
         await super().smtp_RSET(arg)
