@@ -50,6 +50,14 @@ class Metrics:
             ["code"],
             registry=r,
         )
+        self.smtpd_limit_refusals = Counter(
+            "mailrelay_smtpd_limit_refusals",
+            "Connections and commands refused by a [limits] setting, by limit: connections,"
+            " connections_per_ip, unauthenticated_per_ip, pre_auth_timeout, messages_per_minute,"
+            " recipients_per_hour, recipients_per_day, auth_backoff.",
+            ["limit"],
+            registry=r,
+        )
         self.smtpd_sasl_authentication_failures = Counter(
             "mailrelay_smtpd_sasl_authentication_failures",
             "Failed SMTP AUTH attempts.",
