@@ -27,7 +27,6 @@ from mailrelay.delivery.mx import MxHost, MxResolver
 from mailrelay.resolver import make_resolver
 from tests.world import MODERN, DnsServer, TestCA, World, tlsa_record
 
-SMTP_PORT = 25262  # this file's own port
 SHORT_TIMEOUT = 0.3
 DOMAIN = "example.org"
 MX = "mx1.example.org"
@@ -361,7 +360,7 @@ async def handshake_chain(address: tuple[str, int], sni: str) -> list[bytes]:
 
 
 async def test_dane_ta_end_to_end_with_a_private_trust_anchor(tmp_path: Path) -> None:
-    async with World(tmp_path, smtp_port=SMTP_PORT) as world:
+    async with World(tmp_path) as world:
         issued = INTERMEDIATE.issue([MX])  # leaf and intermediate; the anchor is in DNS only
         mx = await world.add_mx(DOMAIN, MODERN, issued=issued)
         world.dns.add(OWNER, "TLSA", tlsa_record(TA.certificate, 2, 1, 0))

@@ -33,13 +33,12 @@ from tests.world import (
 )
 from tests.world.mx import MxServer
 
-SMTP_PORT = 25270
 BODY_MARKER = b"Hello Bob."
 
 
 @pytest.fixture
 async def world(tmp_path: Path) -> AsyncIterator[World]:
-    async with World(tmp_path / "world", smtp_port=SMTP_PORT) as w:
+    async with World(tmp_path / "world") as w:
         # The sender's own domain receives the bounces.
         await w.add_mx("example.org", MODERN)
         yield w
@@ -48,7 +47,7 @@ async def world(tmp_path: Path) -> AsyncIterator[World]:
 def delivery_config(world: World, **delivery: Any) -> dict[str, Any]:
     return {
         "hold": False,
-        "port": SMTP_PORT,
+        "port": world.smtp_port,
         "nameservers": world.nameservers,
         "ca_file": str(world.ca_file),
         "dns_timeout": 1,

@@ -26,7 +26,6 @@ from tests.world import MODERN, Issued, TestCA, World, self_signed, tlsa_record
 from tests.world.https import PolicyServer, policy_text, serve_policy
 from tests.world.mx import MxServer
 
-SMTP_PORT = 25330  # this file's own port
 FIRST_ADDRESS = "127.0.35.1"  # this file's MX servers: 127.0.35.x
 POLICY_ADDRESS = "127.0.36.1"  # and its MTA-STS policy host
 DOMAIN = "dane.example"
@@ -114,10 +113,10 @@ class Env:
 
 @contextlib.asynccontextmanager
 async def open_env(
-    tmp_path: Path, relay_factory: RelayFactory, smtp_port: int, first_address: str
+    tmp_path: Path, relay_factory: RelayFactory, first_address: str
 ) -> AsyncIterator[Env]:
-    """A world on `smtp_port` whose MX servers start at `first_address`."""
-    async with World(tmp_path / "world", smtp_port=smtp_port, first_address=first_address) as world:
+    """A world whose MX servers start at `first_address`."""
+    async with World(tmp_path / "world", first_address=first_address) as world:
         # The sender's own domain, unsigned, which receives the bounces.
         await world.add_mx("example.org", MODERN)
         e = Env(tmp_path, world, relay_factory)
@@ -128,7 +127,7 @@ async def open_env(
 
 @pytest.fixture
 async def env(tmp_path: Path, relay_factory: RelayFactory) -> AsyncIterator[Env]:
-    async with open_env(tmp_path, relay_factory, SMTP_PORT, FIRST_ADDRESS) as e:
+    async with open_env(tmp_path, relay_factory, FIRST_ADDRESS) as e:
         yield e
 
 
@@ -434,7 +433,7 @@ async def test_cli_tls_check_shows_dane(env: Env) -> None:
     config = env.tmp_path / "mailrelay.toml"
     config.write_text(
         f'hostname = "relay.test"\n[storage]\npath = "q.sqlite3"\n'
-        f'[delivery]\nport = {SMTP_PORT}\nnameservers = ["{env.world.nameservers[0]}"]\n'
+        f'[delivery]\nport = {env.world.smtp_port}\nnameservers = ["{env.world.nameservers[0]}"]\n'
         f'ca_file = "{env.world.ca_file}"\ndns_timeout = 1\nconnect_timeout = 2\n'
     )
 

@@ -30,13 +30,12 @@ from tests.test_delivery_dane import (
 )
 from tests.world import tlsa_record
 
-SMTP_PORT = 25350  # this file's own port
 FIRST_ADDRESS = "127.0.37.1"  # this file's MX servers: 127.0.37.x
 
 
 @pytest.fixture
 async def env(tmp_path: Path, relay_factory: RelayFactory) -> AsyncIterator[Env]:
-    async with open_env(tmp_path, relay_factory, SMTP_PORT, FIRST_ADDRESS) as e:
+    async with open_env(tmp_path, relay_factory, FIRST_ADDRESS) as e:
         yield e
 
 

@@ -14,14 +14,13 @@ from tests.conftest import Relay, RelayFactory, add_user, make_config
 from tests.test_delivery import settled, submit, untouched
 from tests.world import MODERN, NO_STARTTLS, TLS10_ONLY, World
 
-SMTP_PORT = 25440  # this file's own port
 FIRST_ADDRESS = "127.0.44.1"  # this file's MX servers: 127.0.44.x
 SILENT_ADDRESS = "127.0.44.250"  # accepts connections and never says a word
 
 
 @pytest.fixture
 async def world(tmp_path: Path) -> AsyncIterator[World]:
-    async with World(tmp_path / "world", smtp_port=SMTP_PORT, first_address=FIRST_ADDRESS) as w:
+    async with World(tmp_path / "world", first_address=FIRST_ADDRESS) as w:
         await w.add_mx("example.org", MODERN)  # the sender's domain receives the bounces
         yield w
 
@@ -33,7 +32,7 @@ async def start_relay(
         tmp_path,
         delivery={
             "hold": False,
-            "port": SMTP_PORT,
+            "port": world.smtp_port,
             "nameservers": world.nameservers,
             "ca_file": str(world.ca_file),
             "dns_timeout": 1,
@@ -117,7 +116,7 @@ async def test_an_attempt_ends_at_its_deadline(
         await reader.read()  # never a greeting: only the attempt's deadline ends this
         writer.close()
 
-    server = await asyncio.start_server(silent, SILENT_ADDRESS, SMTP_PORT)
+    server = await asyncio.start_server(silent, SILENT_ADDRESS, world.smtp_port)
     try:
         world.dns.add("slow.example", "MX", "10 mx.slow.example.")
         world.dns.add("mx.slow.example", "A", SILENT_ADDRESS)

@@ -24,7 +24,6 @@ from tests.world import EXPIRED_CERT, MODERN, TLS12_SELF_SIGNED, WRONG_HOST_CERT
 from tests.world.https import PolicyServer, Reply, policy_text, serve_policy
 from tests.world.mx import MxServer
 
-SMTP_PORT = 25320  # this file's own port
 FIRST_ADDRESS = "127.0.32.1"  # this file's MX servers: 127.0.32.x
 POLICY_ADDRESS = "127.0.33.1"  # and its policy host
 DOMAIN = "sts.example"
@@ -100,13 +99,12 @@ class Env:
 async def open_env(
     tmp_path: Path,
     relay_factory: RelayFactory,
-    smtp_port: int,
     first_address: str,
     policy_address: str,
 ) -> AsyncIterator[Env]:
-    """A world on `smtp_port` whose MX servers start at `first_address`, with the policy host
-    to come on `policy_address`."""
-    async with World(tmp_path / "world", smtp_port=smtp_port, first_address=first_address) as world:
+    """A world whose MX servers start at `first_address`, with the policy host to come on
+    `policy_address`."""
+    async with World(tmp_path / "world", first_address=first_address) as world:
         # The sender's own domain, which receives the bounces; it publishes no policy.
         await world.add_mx("example.org", MODERN)
         e = Env(tmp_path, world, relay_factory, policy_address)
@@ -117,7 +115,7 @@ async def open_env(
 
 @pytest.fixture
 async def env(tmp_path: Path, relay_factory: RelayFactory) -> AsyncIterator[Env]:
-    async with open_env(tmp_path, relay_factory, SMTP_PORT, FIRST_ADDRESS, POLICY_ADDRESS) as e:
+    async with open_env(tmp_path, relay_factory, FIRST_ADDRESS, POLICY_ADDRESS) as e:
         yield e
 
 
@@ -335,7 +333,7 @@ async def test_cli_tls_check_shows_the_policy(env: Env) -> None:
     config = env.tmp_path / "mailrelay.toml"
     config.write_text(
         f'hostname = "relay.test"\n[storage]\npath = "q.sqlite3"\n'
-        f'[delivery]\nport = {SMTP_PORT}\nnameservers = ["{env.world.nameservers[0]}"]\n'
+        f'[delivery]\nport = {env.world.smtp_port}\nnameservers = ["{env.world.nameservers[0]}"]\n'
         f'ca_file = "{env.world.ca_file}"\ndns_timeout = 1\nconnect_timeout = 2\n'
         f"mta_sts_port = {server.port}\nmta_sts_timeout = 2\n"
     )

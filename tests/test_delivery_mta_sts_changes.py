@@ -32,14 +32,13 @@ from tests.test_delivery_mta_sts import (
 from tests.world import TLS12_SELF_SIGNED
 from tests.world.https import Reply, policy_text
 
-SMTP_PORT = 25360  # this file's own port
 FIRST_ADDRESS = "127.0.38.1"  # this file's MX servers: 127.0.38.x
 POLICY_ADDRESS = "127.0.39.1"  # and its policy host
 
 
 @pytest.fixture
 async def env(tmp_path: Path, relay_factory: RelayFactory) -> AsyncIterator[Env]:
-    async with open_env(tmp_path, relay_factory, SMTP_PORT, FIRST_ADDRESS, POLICY_ADDRESS) as e:
+    async with open_env(tmp_path, relay_factory, FIRST_ADDRESS, POLICY_ADDRESS) as e:
         yield e
 
 

@@ -28,7 +28,6 @@ from tests.conftest import RelayFactory
 from tests.test_delivery import by_address, dsn_status, dsns, settled, start_relay, submit
 from tests.world import MODERN, TLS10_ONLY, World
 
-SMTP_PORT = 25430  # this file's own port
 FIRST_ADDRESS = "127.0.43.1"  # this file's MX servers: 127.0.43.x
 TRIED = dt.datetime(2025, 3, 4, 10, 5, 30, tzinfo=dt.UTC)
 UNTIL = dt.datetime(2025, 3, 9, 10, 0, 0, tzinfo=dt.UTC)
@@ -200,7 +199,7 @@ def test_delay_text_while_no_mx_meets_the_policy() -> None:
 
 @pytest.fixture
 async def world(tmp_path: Path) -> AsyncIterator[World]:
-    async with World(tmp_path / "world", smtp_port=SMTP_PORT, first_address=FIRST_ADDRESS) as w:
+    async with World(tmp_path / "world", first_address=FIRST_ADDRESS) as w:
         await w.add_mx(HOME, MODERN)
         yield w
 
@@ -219,9 +218,7 @@ async def test_bounces_from_the_runner_say_what_happened(
 ) -> None:
     weak = await world.add_mx("old.example", TLS10_ONLY)
     slow = await world.add_mx("slow.example", dataclasses.replace(MODERN, rcpt_reply=RETRY_LATER))
-    relay = await start_relay(
-        tmp_path, relay_factory, world, port=SMTP_PORT, max_queue_lifetime="1s"
-    )
+    relay = await start_relay(tmp_path, relay_factory, world, max_queue_lifetime="1s")
     queue_id = await asyncio.to_thread(submit, relay, ["bob@old.example", "bob@slow.example"])
     await settled(relay, queue_id, lambda r: r["state"] in ("bounced", "deferred"))
     await asyncio.sleep(1.1)  # let the queue lifetime run out (not an assertion on timing)
@@ -285,7 +282,7 @@ async def test_hostile_reply_text_is_made_printable_and_short_everywhere(
     garbled = await world.add_mx(
         "garbled.example", dataclasses.replace(MODERN, rcpt_reply=GARBLED_REPLY)
     )
-    relay = await start_relay(tmp_path, relay_factory, world, port=SMTP_PORT)
+    relay = await start_relay(tmp_path, relay_factory, world)
     with caplog.at_level(logging.INFO, logger="mailrelay.delivery"):
         queue_id = await asyncio.to_thread(
             submit, relay, ["bob@hostile.example", "bob@garbled.example"]

@@ -27,7 +27,6 @@ from mailrelay.store.sts_cache import CachedStsPolicy
 from tests.world import Issued, World, self_signed
 from tests.world.https import PolicyServer, Reply, policy_text, redirect, serve_policy
 
-SMTP_PORT = 25310  # this file's own port (no MX is started, but World asks for one)
 ADDRESS = "127.0.84.1"  # the policy host; this file's own 127.0.84.x
 DOMAIN = "example.org"
 HOST = "mta-sts.example.org"
@@ -87,12 +86,12 @@ class Env:
 
 
 @contextlib.asynccontextmanager
-async def open_env(tmp_path: Path, smtp_port: int, address: str) -> AsyncIterator[Env]:
-    """A started store and a world on `smtp_port` whose policy host will be on `address`."""
+async def open_env(tmp_path: Path, address: str) -> AsyncIterator[Env]:
+    """A started store and a world whose policy host will be on `address`."""
     db_path = str(tmp_path / "queue.sqlite3")
     store = Store(db_path)
     await store.start()
-    async with World(tmp_path / "world", smtp_port=smtp_port) as world:
+    async with World(tmp_path / "world") as world:
         e = Env(world, store, Clock(), db_path, address)
         yield e
         for server in e.servers:
@@ -102,7 +101,7 @@ async def open_env(tmp_path: Path, smtp_port: int, address: str) -> AsyncIterato
 
 @pytest.fixture
 async def env(tmp_path: Path) -> AsyncIterator[Env]:
-    async with open_env(tmp_path, SMTP_PORT, ADDRESS) as e:
+    async with open_env(tmp_path, ADDRESS) as e:
         yield e
 
 

@@ -26,14 +26,13 @@ from tests.test_mta_sts import (
 )
 from tests.world.https import Reply, policy_text
 
-SMTP_PORT = 25340  # this file's own port (no MX is started, but World asks for one)
 ADDRESS = "127.0.85.1"  # the policy host; this file's own 127.0.85.x
 WHERE = f"{HOST}[{ADDRESS}]"
 
 
 @pytest.fixture
 async def env(tmp_path: Path) -> AsyncIterator[Env]:
-    async with open_env(tmp_path, SMTP_PORT, ADDRESS) as e:
+    async with open_env(tmp_path, ADDRESS) as e:
         yield e
 
 

@@ -22,7 +22,6 @@ from tests.test_delivery import settled, start_relay, submit
 from tests.test_submission import AUTH_FAILED
 from tests.world import MODERN, TLS10_ONLY, World
 
-SMTP_PORT = 25280  # this file's own port
 DASHBOARD = Path(__file__).parent.parent / "config" / "grafana-dashboard.json"
 MODERN_TLS = {
     "protocol": "TLSv1.3",
@@ -36,7 +35,7 @@ Sample = tuple[str, tuple[tuple[str, str], ...]]
 
 @pytest.fixture
 async def world(tmp_path: Path) -> AsyncIterator[World]:
-    async with World(tmp_path / "world", smtp_port=SMTP_PORT) as w:
+    async with World(tmp_path / "world") as w:
         await w.add_mx("example.org", MODERN)  # the sender's domain: bounces go here
         yield w
 
@@ -142,7 +141,7 @@ async def test_each_counter_moves_by_exactly_what_happened(
     weak = await world.add_mx("tls10.example", TLS10_ONLY)
     await world.add_mx("r451.example", dataclasses.replace(MODERN, rcpt_reply="451 4.3.0 Later"))
     world.dns.servfail("servfail.example")
-    relay = await start_relay(tmp_path, relay_factory, world, port=SMTP_PORT)
+    relay = await start_relay(tmp_path, relay_factory, world)
     home = world.servers[0]
     first = await scrape(relay)
     assert first[key("mailrelay_delivery_workers")] == relay.config.delivery.workers

@@ -22,7 +22,6 @@ from tests.test_delivery import settled, start_relay, submit
 from tests.test_submission import MESSAGE, SENDER_NOT_OWNED, queued_id, send_raw
 from tests.world import MODERN, World
 
-SMTP_PORT = 25370  # this file's own port
 FIRST_ADDRESS = "127.0.40.1"  # this file's MX servers: 127.0.40.x
 BAD_RCPT_REPLY = "501 5.1.3 Bad address syntax"
 FROM_NOT_OWNED_REPLY = "553 5.7.1 From: header address not owned by the authenticated user"
@@ -34,7 +33,7 @@ EVENT_KEYS = {
 
 @pytest.fixture
 async def world(tmp_path: Path) -> AsyncIterator[World]:
-    async with World(tmp_path / "world", smtp_port=SMTP_PORT, first_address=FIRST_ADDRESS) as w:
+    async with World(tmp_path / "world", first_address=FIRST_ADDRESS) as w:
         await w.add_mx("example.org", MODERN)  # the sender's domain: bounces go here
         yield w
 
@@ -85,7 +84,7 @@ async def test_log_tells_a_real_delivery_newest_first_and_pages(
     caplog: pytest.LogCaptureFixture,
 ) -> None:
     mx = await world.add_mx("tls13.example", MODERN)
-    relay = await start_relay(tmp_path, relay_factory, world, port=SMTP_PORT)
+    relay = await start_relay(tmp_path, relay_factory, world)
     with caplog.at_level(logging.INFO, logger="mailrelay.delivery"):
         first = await asyncio.to_thread(submit, relay, ["bob@tls13.example"])
         await settled(relay, first, lambda r: r["state"] == "sent")

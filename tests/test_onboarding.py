@@ -35,7 +35,6 @@ from tests.test_submission import queued_id, send_raw
 from tests.world import MODERN, World
 from tests.world.mx import MxServer
 
-SMTP_PORT = 25290
 DOMAIN = "example.org"
 NOTIFY = "postmaster@example.org"
 SELECTOR = re.compile(r"mr\d{8}(-\d+)?")
@@ -64,7 +63,7 @@ run = asyncio.to_thread
 
 @pytest.fixture
 async def world(tmp_path: Path) -> AsyncIterator[World]:
-    async with World(tmp_path / "world", smtp_port=SMTP_PORT) as w:
+    async with World(tmp_path / "world") as w:
         await w.add_mx("dest.example", MODERN)
         yield w
 
@@ -77,6 +76,8 @@ def write_config(tmp_path: Path, world: World | None, *, algorithm: str = "rsa")
     """A config file for both the relay under test and the CLI, delivering into `world`."""
     cert, key = tmp_path / "tls" / "cert.pem", tmp_path / "tls" / "key.pem"
     ensure_self_signed(str(cert), str(key), "localhost")
+    # Without a world: a port and a nameserver where nothing answers.
+    smtp_port = world.smtp_port if world else free_port()
     nameservers = world.nameservers if world else [f"127.0.0.1:{free_port()}"]
     ca_file = f"ca_file = {json.dumps(str(world.ca_file))}" if world else ""
     path = tmp_path / "mailrelay.toml"
@@ -98,7 +99,7 @@ rsa_bits = 1024  # 2048 by default (see test_onboarding_functions.py); 1024 keep
 listen = "127.0.0.1:{free_port()}"
 [delivery]
 hold = false
-port = {SMTP_PORT}
+port = {smtp_port}
 nameservers = {json.dumps(nameservers)}
 {ca_file}
 dns_timeout = 1

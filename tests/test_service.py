@@ -123,8 +123,7 @@ async def test_kill_9_loses_no_accepted_mail(tmp_path: Path, notify_socket: sock
         again.stderr.close()
 
 
-SMTP_PORT = 25420  # this file's own port for its world's MX
-FIRST_ADDRESS = "127.0.42.1"
+FIRST_ADDRESS = "127.0.42.1"  # this file's MX servers: 127.0.42.x
 
 
 def children(pid: int) -> list[int]:
@@ -142,7 +141,7 @@ async def test_delivery_process_survives_kill_9_of_its_own(
 ) -> None:
     """`serve` delivers from a second process; killing it loses nothing and the service
     starts another; its metrics are served on the one endpoint; SIGTERM ends both."""
-    async with World(tmp_path / "world", smtp_port=SMTP_PORT, first_address=FIRST_ADDRESS) as world:
+    async with World(tmp_path / "world", first_address=FIRST_ADDRESS) as world:
         mx = await world.add_mx("example.net", MODERN)
         await world.add_mx("example.org", MODERN)
         config, port, metrics_port = write_delivering_config(tmp_path, world)
@@ -219,7 +218,7 @@ rsa_bits = 1024
 [metrics]
 listen = "127.0.0.1:{metrics_port}"
 [delivery]
-port = {SMTP_PORT}
+port = {world.smtp_port}
 nameservers = ["{world.nameservers[0]}"]
 ca_file = "{world.ca_file}"
 dns_timeout = 1

@@ -34,8 +34,7 @@ from tests.world import (
 )
 from tests.world.mx import server_context
 
-SMTP_PORT = 2601  # this file's own port; the MX addresses are 127.0.26.x
-FIRST_ADDRESS = "127.0.26.1"
+FIRST_ADDRESS = "127.0.26.1"  # this file's MX servers: 127.0.26.x
 EHLO_NAME = "relay.test"
 SENDER = "alice@sender.test"
 MESSAGE = (
@@ -51,9 +50,9 @@ ACCEPTED_BY_MX = "250 2.0.0 Message accepted"
 
 
 @contextlib.asynccontextmanager
-async def checked_world(tmp_path: Path, smtp_port: int, first_address: str) -> AsyncIterator[World]:
+async def checked_world(tmp_path: Path, first_address: str) -> AsyncIterator[World]:
     """A world whose servers, once the test is done, must have received nothing outside TLS."""
-    async with World(tmp_path, smtp_port=smtp_port, first_address=first_address) as w:
+    async with World(tmp_path, first_address=first_address) as w:
         yield w
         # Whatever a test did, nothing ever reached any server outside TLS.
         for server in w.servers:
@@ -62,7 +61,7 @@ async def checked_world(tmp_path: Path, smtp_port: int, first_address: str) -> A
 
 @pytest.fixture
 async def world(tmp_path: Path) -> AsyncIterator[World]:
-    async with checked_world(tmp_path, SMTP_PORT, FIRST_ADDRESS) as w:
+    async with checked_world(tmp_path, FIRST_ADDRESS) as w:
         yield w
 
 

@@ -25,14 +25,13 @@ from tests.test_session import (
 )
 from tests.world import GARBAGE_AFTER_STARTTLS, MODERN, STARTTLS_454, Behaviour, World
 
-SMTP_PORT = 25380  # this file's own port; the MX addresses are 127.0.27.x
-FIRST_ADDRESS = "127.0.27.1"
+FIRST_ADDRESS = "127.0.27.1"  # this file's MX servers: 127.0.27.x
 SILENT_ADDRESS = "127.0.27.250"  # a server that never speaks, outside the world
 
 
 @pytest.fixture
 async def world(tmp_path: Path) -> AsyncIterator[World]:
-    async with checked_world(tmp_path, SMTP_PORT, FIRST_ADDRESS) as w:
+    async with checked_world(tmp_path, FIRST_ADDRESS) as w:
         yield w
 
 
@@ -70,13 +69,13 @@ async def test_silent_server_times_out_as_transient(world: World) -> None:
         await reader.read()
         writer.close()
 
-    silent_server = await asyncio.start_server(silent, SILENT_ADDRESS, SMTP_PORT)
+    silent_server = await asyncio.start_server(silent, SILENT_ADDRESS, world.smtp_port)
     try:
         result = await open_session(
             "silent.dest.test",
             SILENT_ADDRESS,
             requirement("silent.dest.test", "encrypt"),
-            port=SMTP_PORT,
+            port=world.smtp_port,
             ehlo_name=EHLO_NAME,
             connect_timeout=0.3,
             command_timeout=0.3,

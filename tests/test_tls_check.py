@@ -16,12 +16,10 @@ from mailrelay.delivery.probe import tls_check
 from tests.conftest import make_config
 from tests.world import EXPIRED_CERT, MODERN, NO_STARTTLS, STARTTLS_454, TLS10_ONLY, World
 
-SMTP_PORT = 25300
-
 
 @pytest.fixture
 async def world(tmp_path: Path) -> AsyncIterator[World]:
-    async with World(tmp_path / "world", smtp_port=SMTP_PORT) as w:
+    async with World(tmp_path / "world") as w:
         yield w
 
 
@@ -29,7 +27,7 @@ def config(tmp_path: Path, world: World, **delivery: object) -> Config:
     return make_config(
         tmp_path,
         delivery={
-            "port": SMTP_PORT,
+            "port": world.smtp_port,
             "nameservers": world.nameservers,
             "ca_file": str(world.ca_file),
             "dns_timeout": 1,
@@ -96,7 +94,7 @@ async def test_cli_tls_check(tmp_path: Path, world: World) -> None:
     config = tmp_path / "mailrelay.toml"
     config.write_text(
         f'hostname = "relay.test"\n[storage]\npath = "q.sqlite3"\n'
-        f'[delivery]\nport = {SMTP_PORT}\nnameservers = ["{world.nameservers[0]}"]\n'
+        f'[delivery]\nport = {world.smtp_port}\nnameservers = ["{world.nameservers[0]}"]\n'
         f'ca_file = "{world.ca_file}"\n'
     )
 

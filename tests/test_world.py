@@ -6,8 +6,10 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import dataclasses
+import errno
 import hashlib
 import itertools
+import re
 import smtplib
 import ssl
 from collections.abc import AsyncIterator
@@ -18,6 +20,7 @@ import dns.rrset
 import pytest
 from cryptography.hazmat.primitives import serialization
 
+from tests.conftest import free_port
 from tests.test_world_dns import ask
 from tests.world import (
     CBC_ONLY,
@@ -40,7 +43,6 @@ from tests.world import (
 )
 from tests.world.certs import ChainShape
 
-SMTP_PORT = 25251  # this file's own port, below Linux's ephemeral range
 CLIENT_NAME = "client.test"
 SENDER = "alice@relay.test"
 ACCEPTED = "250 2.0.0 Message accepted"
@@ -51,7 +53,7 @@ TLS_UNAVAILABLE = (454, b"4.7.0 TLS not available due to temporary reason")
 
 @pytest.fixture
 async def world(tmp_path: Path) -> AsyncIterator[World]:
-    async with World(tmp_path, smtp_port=SMTP_PORT) as w:
+    async with World(tmp_path) as w:
         yield w
 
 
@@ -348,13 +350,85 @@ async def test_world_publishes_mx_and_a_records(world: World) -> None:
     mx = await ask(world.dns, "example.org", "MX")
     a = await ask(world.dns, "mx2.example.org", "A")
 
-    assert (first.address, second.address) == (("127.0.1.1", SMTP_PORT), ("127.0.1.2", SMTP_PORT))
+    port = world.smtp_port
+    assert (first.address, second.address) == (("127.0.1.1", port), ("127.0.1.2", port))
     assert mx.answer == [
         dns.rrset.from_text(
             "example.org.", 300, "IN", "MX", "10 mx1.example.org.", "20 mx2.example.org."
         )
     ]
     assert a.answer == [dns.rrset.from_text("mx2.example.org.", 300, "IN", "A", "127.0.1.2")]
+
+
+# -- the world's SMTP port -------------------------------------------------------------------------
+
+
+async def hang_up(_reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+    writer.close()
+
+
+async def greeting(address: tuple[str, int]) -> str:
+    reader, writer = await asyncio.open_connection(*address)
+    try:
+        [line] = await read_reply(reader)
+        return line
+    finally:
+        writer.close()
+        with contextlib.suppress(Exception):
+            await writer.wait_closed()
+
+
+async def test_the_smtp_port_comes_from_the_os_and_is_held_for_the_first_mx(
+    tmp_path: Path,
+) -> None:
+    world = World(tmp_path)
+    with pytest.raises(RuntimeError, match=r"in start\(\)"):
+        _ = world.smtp_port
+    async with world:
+        port = world.smtp_port
+        # Held from start() on: nothing else gets it, not even binding as asyncio does, with
+        # SO_REUSEADDR.
+        with pytest.raises(OSError) as taken:
+            await asyncio.start_server(hang_up, "127.0.1.1", port)
+        assert taken.value.errno == errno.EADDRINUSE
+        first = await world.add_mx("example.org", MODERN)
+        second = await world.add_mx("example.net", MODERN)
+        assert (first.address, second.address) == (("127.0.1.1", port), ("127.0.1.2", port))
+        assert await greeting(first.address) == "220 mx1.example.org ESMTP test world"
+        assert await greeting(second.address) == "220 mx2.example.net ESMTP test world"
+
+
+async def test_the_port_in_use_on_a_later_address_fails_loudly(world: World) -> None:
+    await world.add_mx("example.org", MODERN)
+    squatter = await asyncio.start_server(hang_up, "127.0.1.2", world.smtp_port)
+    try:
+        message = (
+            f"MX mx2.example.org cannot listen on 127.0.1.2:{world.smtp_port}, which is in use"
+        )
+        with pytest.raises(RuntimeError, match=re.escape(message)):
+            await world.add_mx("example.org", MODERN)
+    finally:
+        squatter.close()
+        await squatter.wait_closed()
+    assert [s.hostname for s in world.servers] == ["mx1.example.org"]
+
+
+async def test_two_worlds_on_the_same_addresses_do_not_collide(tmp_path: Path) -> None:
+    """As two test runs at once: each world has its own port, so each reaches only its own MX."""
+    async with World(tmp_path / "a") as a, World(tmp_path / "b") as b:
+        assert a.smtp_port != b.smtp_port
+        for w, domain in ((a, "a.example"), (b, "b.example")):
+            for n in (1, 2):
+                mx = await w.add_mx(domain, MODERN)
+                assert mx.address == (f"127.0.1.{n}", w.smtp_port)
+                assert await greeting(mx.address) == f"220 mx{n}.{domain} ESMTP test world"
+
+
+async def test_a_world_can_be_given_its_smtp_port(tmp_path: Path) -> None:
+    port = free_port("127.0.1.1")
+    async with World(tmp_path, smtp_port=port) as world:
+        mx = await world.add_mx("example.org", MODERN)
+        assert (world.smtp_port, mx.address) == (port, ("127.0.1.1", port))
 
 
 async def test_stop_closes_idle_connections(world: World) -> None:

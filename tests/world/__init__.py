@@ -6,6 +6,8 @@
 from __future__ import annotations
 
 import datetime
+import errno
+import socket
 from pathlib import Path
 from typing import Self, assert_never
 
@@ -69,19 +71,33 @@ __all__ = [
 
 
 class World:
-    """A DNS server and MX servers on 127.0.x.y addresses, all on `smtp_port`, with one CA."""
+    """A DNS server and MX servers on 127.0.x.y addresses, all on one SMTP port, with one CA.
+
+    Without `smtp_port`, `start()` takes a free port from the OS (see `smtp_port`).
+    """
 
     def __init__(
-        self, directory: Path, *, smtp_port: int, first_address: str = "127.0.1.1"
+        self, directory: Path, *, smtp_port: int | None = None, first_address: str = "127.0.1.1"
     ) -> None:
         self.directory = directory
-        self.smtp_port = smtp_port
+        self.first_address = first_address
         self.ca = TestCA()
         self.ca_file = directory / "ca.pem"
         self.dns = DnsServer()
         self.servers: list[MxServer] = []
+        self._smtp_port = smtp_port
+        self._port_given = smtp_port is not None
+        # The port taken from the OS, held on first_address until the MX there listens on it.
+        self._reserved: socket.socket | None = None
         _net, b, c, d = (int(x) for x in first_address.split("."))
         self._next = (b << 16) | (c << 8) | d
+
+    @property
+    def smtp_port(self) -> int:
+        """The port every MX of this world listens on: the relay's `delivery.port`."""
+        if self._smtp_port is None:
+            raise RuntimeError("the world takes its SMTP port from the OS in start()")
+        return self._smtp_port
 
     @property
     def nameservers(self) -> list[str]:
@@ -91,10 +107,20 @@ class World:
     async def start(self) -> None:
         self.ca.write_ca(self.ca_file)
         await self.dns.start()
+        if self._smtp_port is None:
+            try:
+                self._reserved = reserve_port(self.first_address)
+            except OSError:
+                await self.dns.stop()
+                raise
+            self._smtp_port = int(self._reserved.getsockname()[1])
 
     async def stop(self) -> None:
         for server in self.servers:
             await server.stop()
+        if self._reserved is not None:
+            self._reserved.close()
+            self._reserved = None
         await self.dns.stop()
 
     async def __aenter__(self) -> Self:
@@ -152,6 +178,9 @@ class World:
         address = address or self._allocate_address()
         issued = issued or self.certificate(hostname, behaviour)
         cert_file, key_file = issued.write(self.directory / "certs", hostname)
+        sock = None
+        if self._reserved is not None and address == self.first_address:
+            sock, self._reserved = self._reserved, None
         server = MxServer(
             address,
             self.smtp_port,
@@ -159,9 +188,40 @@ class World:
             hostname=hostname,
             cert_file=cert_file,
             key_file=key_file,
+            sock=sock,
         )
-        await server.start()
+        try:
+            await server.start()
+        except OSError as e:
+            await server.stop()
+            if e.errno != errno.EADDRINUSE:
+                raise
+            # Every MX must be on the one port the relay dials; another port would only make
+            # the relay fail later, far from the cause.
+            origin = "given to World" if self._port_given else f"from {self.first_address}"
+            raise RuntimeError(
+                f"MX {hostname} cannot listen on {address}:{self.smtp_port}, which is in use. "
+                f"Every MX of a world listens on its one SMTP port ({origin}), the port the "
+                f"relay dials; is something else, another test run, using {address}?"
+            ) from e
         self.servers.append(server)
         self.dns.add(domain, "MX", f"{preference} {hostname}.", ttl)
         self.dns.add(hostname, "A", address, ttl)
         return server
+
+
+def reserve_port(address: str) -> socket.socket:
+    """A TCP socket bound to a free port on `address`, not listening.
+
+    Holding it, rather than closing it and binding the port again later, leaves no moment in
+    which another process could be given the port. Without SO_REUSEADDR no other socket can
+    bind that address and port meanwhile, and connections to it are refused until an MX
+    listens on this very socket.
+    """
+    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    try:
+        sock.bind((address, 0))
+    except BaseException:
+        sock.close()
+        raise
+    return sock

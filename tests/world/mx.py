@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import re
+import socket
 import ssl
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
@@ -165,7 +166,8 @@ class MxServer(StreamServing):
     """A small SMTP server that records everything it is sent.
 
     `behaviour` may be replaced while running (e.g. 451 first, then 250); each command reads
-    the current value.
+    the current value. `sock`, a socket already bound to `address` and `port`, is listened on
+    instead of binding anew: the world hands its reserved port over this way.
     """
 
     def __init__(
@@ -177,6 +179,7 @@ class MxServer(StreamServing):
         hostname: str = "mx.test",
         cert_file: Path | None = None,
         key_file: Path | None = None,
+        sock: socket.socket | None = None,
     ) -> None:
         super().__init__()
         self.behaviour = behaviour
@@ -184,6 +187,7 @@ class MxServer(StreamServing):
         self.connections: list[Connection] = []
         self._address = address
         self._port = port
+        self._sock = sock
         self._cert = (cert_file, key_file)
         self._contexts: dict[TlsMode, ssl.SSLContext] = {}
         self._changed = asyncio.Event()
@@ -245,10 +249,22 @@ class MxServer(StreamServing):
     async def start(self) -> None:
         if self.behaviour.starttls is Starttls.OFFER:
             self._context(self.behaviour.tls)  # a missing certificate fails here, not mid-test
-        self._server = await asyncio.start_server(
-            self._serve, self._address, self._port, limit=LINE_LIMIT
-        )
+        if self._sock is not None:
+            self._server = await asyncio.start_server(
+                self._serve, sock=self._sock, limit=LINE_LIMIT
+            )
+            self._sock = None  # the server owns it now and closes it; a restart binds anew
+        else:
+            self._server = await asyncio.start_server(
+                self._serve, self._address, self._port, limit=LINE_LIMIT
+            )
         self._port = int(self._server.sockets[0].getsockname()[1])
+
+    async def stop(self) -> None:
+        if self._sock is not None:  # handed over, but start() failed before listening on it
+            self._sock.close()
+            self._sock = None
+        await super().stop()
 
     def _context(self, mode: TlsMode) -> ssl.SSLContext:
         cert_file, key_file = self._cert
