@@ -208,6 +208,25 @@ async def test_extensions_used_only_as_offered(world: World) -> None:
     assert message.data == eight_bit
 
 
+async def test_eight_bit_body_is_not_sent_to_a_seven_bit_server(world: World) -> None:
+    server = await world.add_mx("dest.test", Behaviour(eight_bit_mime=False))
+    eight_bit = MESSAGE.replace(b"Personal data.", "Persönliche Daten.".encode())
+    async with await session(world, server) as s:
+        refused = await s.send(SENDER, ["bob@dest.test"], eight_bit)
+        plain = await s.send(SENDER, ["carol@dest.test"], MESSAGE)
+    # RFC 6152: no 8-bit data without 8BITMIME; converting it would break the DKIM signature.
+    [bob] = refused
+    assert (bob.kind, bob.status) == (Kind.PERMANENT, "5.6.3")
+    assert bob.diagnostic.endswith(
+        "the message has 8-bit content and the server does not offer 8BITMIME"
+    )
+    assert plain[0].kind is Kind.SENT
+    (message,) = await server.wait_for_messages()
+    assert message.rcpt_tos == ("carol@dest.test",)
+    mails = [c.line for c in server.commands if c.line.startswith("MAIL")]
+    assert mails == [f"MAIL FROM:<{SENDER}> SIZE={len(MESSAGE)}"]
+
+
 def test_reply_parsing() -> None:
     assert Reply.parse(250, "2.1.5 Ok") == Reply(250, "2.1.5", "Ok")
     assert Reply.parse(550, "5.1.1 No such user\n5.1.1 Try another") == Reply(

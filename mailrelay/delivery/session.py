@@ -379,6 +379,11 @@ class Session:
             return undecided(Kind.PERMANENT, "5.1.7", None, f"invalid sender {mail_from!r}")
         if not mail_from.isascii() and not utf8:
             return undecided(Kind.PERMANENT, "5.6.7", None, "sender needs SMTPUTF8")
+        if not data.isascii() and "8bitmime" not in ext and not utf8:
+            # RFC 6152 §3: no 8-bit data to a server without 8BITMIME. Converting the body to
+            # 7 bit would break the DKIM signature made at submission, so the message bounces.
+            why = "the message has 8-bit content and the server does not offer 8BITMIME"
+            return undecided(Kind.PERMANENT, "5.6.3", None, why)
         limit = ext.get("size", "")
         if limit.isdigit() and 0 < int(limit) < len(data):
             why = f"message of {len(data)} bytes exceeds the server's SIZE {limit}"

@@ -78,6 +78,8 @@ class Behaviour:
     # A 421 here closes the connection after the reply: a server that timed out an idle client
     # but whose close the client has not noticed yet (a stale pooled session).
     rset_reply: str = "250 2.0.0 OK"
+    # False: EHLO does not offer 8BITMIME (a 7-bit-only server, RFC 6152).
+    eight_bit_mime: bool = True
 
     @property
     def key_type(self) -> KeyType:
@@ -378,7 +380,9 @@ class MxServer(StreamServing):
     def _hello(self, verb: str, arg: str, tls: bool) -> str:
         if verb == "HELO":
             return f"250 {self.hostname}"
-        lines = [f"{self.hostname} greets {arg}", f"SIZE {_SIZE_LIMIT}", "8BITMIME"]
+        lines = [f"{self.hostname} greets {arg}", f"SIZE {_SIZE_LIMIT}"]
+        if self.behaviour.eight_bit_mime:
+            lines.append("8BITMIME")
         lines.append("ENHANCEDSTATUSCODES")
         if not tls and self.behaviour.starttls is not Starttls.NOT_ADVERTISED:
             lines.append("STARTTLS")
