@@ -129,3 +129,21 @@ async def test_an_attempt_ends_at_its_deadline(
         await server.wait_closed()
     assert (row["state"], row["status"]) == ("deferred", "4.4.1")
     assert row["reply"] == ("the delivery attempt took longer than 1s (delivery.attempt_deadline)")
+
+
+async def test_an_address_this_host_cannot_route_to_does_not_hold_back_a_bounce(
+    tmp_path: Path, relay_factory: RelayFactory, world: World
+) -> None:
+    # 255.255.255.255 fails at connect() with ENETUNREACH, without a packet leaving: it stands
+    # for an IPv6 MX address on a host without IPv6.
+    world.dns.add("partial.example", "MX", "10 unroutable.partial.example.")
+    world.dns.add("unroutable.partial.example", "A", "255.255.255.255")
+    weak = await world.add_mx("partial.example", TLS10_ONLY, preference=20)
+    relay = await start_relay(tmp_path, relay_factory, world)
+    row = await deliver(relay, "bob@partial.example")
+    # The one MX that could be reached is insecure: a bounce now, not five days of deferrals.
+    assert (row["state"], row["status"]) == ("bounced", "5.7.10")
+    unroutable, refused = row["delivery_attempts"]
+    assert (unroutable["mx_address"], unroutable["verdict"]) == ("255.255.255.255", "transient")
+    assert unroutable["reply"].endswith("no route from here: Network is unreachable")
+    assert (refused["mx_host"], refused["verdict"]) == (weak.hostname, "insecure")

@@ -105,14 +105,15 @@ def _unreached(domain: str, tried: list[Result]) -> Result:
     might still turn out fine (a transient failure), the recipients wait."""
     evidence = _evidence(tried)
     insecure = [r for r in tried if r.kind is Kind.INSECURE]
-    transient = [r for r in tried if r.kind is Kind.TRANSIENT]
+    unroutable = [r for r in tried if r.no_route]
+    transient = [r for r in tried if r.kind is Kind.TRANSIENT and not r.no_route]
     permanent = [r for r in tried if r.kind is Kind.PERMANENT]
     if insecure and not transient:
         telling = most_telling(insecure)
         diagnostic = "; ".join(r.diagnostic for r in insecure)
         return Result(Kind.INSECURE, telling.status, diagnostic, telling.insecure, evidence)
     if transient or not permanent:
-        failures = transient + insecure
+        failures = transient + insecure + unroutable
         diagnostic = "; ".join(r.diagnostic for r in failures) or f"no usable MX for {domain}"
         status = failures[0].status if failures else "4.4.1"
         return Result(Kind.TRANSIENT, status, diagnostic, evidence=evidence)

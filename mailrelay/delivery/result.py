@@ -95,6 +95,10 @@ class Result:
     diagnostic: str  # for the DSN and the log: "smtp; 550 5.1.1 ..." or "mx1[...]: ..."
     insecure: Insecure | None = None  # set exactly when kind is INSECURE
     evidence: tuple[Evidence, ...] = ()  # every connection tried for it, in order
+    # A transient failure that says nothing about the destination: this host has no route to
+    # the address at all (an IPv6 MX address on an IPv4-only host). It must not keep a
+    # destination whose reachable MX hosts are all insecure from bouncing.
+    no_route: bool = False
 
     def __post_init__(self) -> None:
         if (self.kind is Kind.INSECURE) != (self.insecure is not None):

@@ -11,10 +11,11 @@ after a refusal. The rules themselves live in `policy.py`; this module only asks
 from __future__ import annotations
 
 import contextlib
+import errno
 import re
 import ssl
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import aiosmtplib
 
@@ -70,6 +71,9 @@ _BROKEN_ALERTS = frozenset(
 _ENCODING_DER = 2  # _ssl.ENCODING_DER, which typeshed does not declare
 _ADDRESS = re.compile(r"[^\s<>\x00-\x1f\x7f]+")
 _NO_ESMTP = (500, 502, 504)
+# The connection could not even start from this host (no route for that network or address
+# family): a fact about us, not about the MX.
+_NO_ROUTE = frozenset({errno.ENETUNREACH, errno.EAFNOSUPPORT, errno.EADDRNOTAVAIL})
 
 
 async def open_session(
@@ -186,6 +190,10 @@ class _Attempt:
                 # A 554 greeting means "no SMTP service for you here"; the caller tries other MX.
                 return self.from_reply(Reply.parse(exc.code, exc.message))
             except aiosmtplib.SMTPConnectError as exc:
+                cause = exc.__cause__
+                if isinstance(cause, OSError) and cause.errno in _NO_ROUTE:
+                    unroutable = self.transient("4.4.4", f"no route from here: {cause.strerror}")
+                    return replace(unroutable, no_route=True)
                 return self.transient("4.4.1", f"cannot connect: {exc.message}")
 
             self.stage = "EHLO"
