@@ -21,7 +21,7 @@ from typing import Any
 from mailrelay import config as configmod
 from mailrelay import logs, onboarding
 from mailrelay.config import Config, ConfigError
-from mailrelay.store import accounts, connect, events, queue
+from mailrelay.store import accounts, connect, events, queue, senders
 from mailrelay.store.queue import transaction
 from mailrelay.submission.auth import hash_password
 from mailrelay.submission.handler import split_address
@@ -76,7 +76,18 @@ def _parser() -> argparse.ArgumentParser:
     one = cmd(user, "add", _user_add, "add a user (its domain must exist)")
     one.add_argument("address")
     one.add_argument("--password-stdin", action="store_true", help="read the password from stdin")
-    _json(cmd(user, "list", _user_list, "list users"))
+    _may_send_as(one)
+    one = cmd(user, "modify", _user_modify, "change what a user may send as")
+    one.add_argument("address")
+    _may_send_as(one)
+    one.add_argument(
+        "--may-not-send-as",
+        action="append",
+        default=[],
+        metavar="ADDRESS|@DOMAIN",
+        help="take back a --may-send-as (repeatable)",
+    )
+    _json(cmd(user, "list", _user_list, "list users and what each may send as"))
     one = cmd(user, "passwd", _user_passwd, "set a user's password")
     one.add_argument("address")
     one.add_argument("--password-stdin", action="store_true", help="read the password from stdin")
@@ -119,6 +130,17 @@ def _parser() -> argparse.ArgumentParser:
     one.add_argument("--cursor", metavar="C", help="next_cursor of the previous page")
     one.add_argument("--limit", metavar="N", type=int, default=50, help="events per page")
     return p
+
+
+def _may_send_as(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--may-send-as",
+        action="append",
+        default=[],
+        metavar="ADDRESS|@DOMAIN",
+        help="also send as this address, or as any address of this domain of ours (repeatable);"
+        " a user may always send as their own address",
+    )
 
 
 def _json(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
@@ -217,20 +239,79 @@ def _user_add(cfg: Config, args: argparse.Namespace) -> int:
             f"domain {domain} is not set up;"
             f" first run: mailrelay domain add {domain} --notify ADDRESS"
         )
+    grants = [_sender(value, "--may-send-as") for value in args.may_send_as]
+    for sender in grants:  # before the password is asked for, not after
+        _require_our_domain(conn, sender)
     hashed = hash_password(_read_password(args.password_stdin))
+    now = time.time()
     with transaction(conn):
-        accounts.add_user(conn, args.address, hashed, time.time())
+        accounts.add_user(conn, args.address, hashed, now)
+        for sender in grants:
+            senders.grant(conn, args.address, sender, now)
     print(f"user {args.address.lower()} added")
+    if grants:
+        _print_send_as(senders.send_as(conn, args.address))
     return 0
 
 
+def _user_modify(cfg: Config, args: argparse.Namespace) -> int:
+    address = args.address.lower()
+    grants = [_sender(value, "--may-send-as") for value in args.may_send_as]
+    revokes = [_sender(value, "--may-not-send-as") for value in args.may_not_send_as]
+    if not grants and not revokes:
+        raise UserError("nothing to change: give --may-send-as or --may-not-send-as")
+    both = sorted(set(grants) & set(revokes))
+    if both:
+        raise UserError(f"{both[0]} is given to both --may-send-as and --may-not-send-as")
+    if address in revokes:
+        raise UserError(f"{address} may always send as their own address")
+    conn = _db(cfg)
+    now = time.time()
+    with transaction(conn):
+        for sender in revokes:
+            senders.revoke(conn, address, sender)
+        for sender in grants:
+            senders.grant(conn, address, sender, now)
+    _print_send_as(senders.send_as(conn, address))
+    return 0
+
+
+def _sender(value: str, option: str) -> str:
+    """An ADDRESS or @DOMAIN argument, normalized; a user error if it is neither."""
+    sender = senders.normalize(value)
+    as_address = f"postmaster{sender}" if sender.startswith("@") else sender
+    if split_address(as_address) is None:
+        raise UserError(f"{option}: {value!r} is not an address or @domain")
+    return sender
+
+
+def _require_our_domain(conn: sqlite3.Connection, sender: str) -> None:
+    domain = sender.rpartition("@")[2]
+    if accounts.get_domain(conn, domain) is None:
+        raise UserError(
+            f"domain {domain} is not one of ours; first run: mailrelay domain add {domain}"
+            " --notify ADDRESS"
+        )
+
+
+def _print_send_as(send_as: senders.SendAs) -> None:
+    print(f"user {send_as.user} may send as {', '.join(send_as.addresses)}")
+
+
 def _user_list(cfg: Config, args: argparse.Namespace) -> int:
-    users = accounts.list_users(_db(cfg))
+    conn = _db(cfg)
+    users = accounts.list_users(conn)
+    send_as = senders.all_send_as(conn)
+    for u in users:
+        u["may_send_as"] = send_as[str(u["address"])].addresses
     if args.json:
         _print_json(users)
     else:
         for u in users:
-            print(f"{u['address']}\tadded {_when(float(str(u['created_at'])))}")
+            allowed = ", ".join(send_as[str(u["address"])].addresses)
+            print(
+                f"{u['address']}\tadded {_when(float(str(u['created_at'])))}\tmay send as {allowed}"
+            )
     return 0
 
 

@@ -55,6 +55,8 @@ class Service:
             on_queued=self.queue_changed.set,
             on_accepted=self._accepted,
             on_rejected=self._rejected,
+            limits=config.limits,
+            on_limit=lambda limit: self.metrics.smtpd_limit_refusals.labels(limit=limit).inc(),
         )
         checker = PasswordChecker(
             lambda login: self.store.read(lambda c: accounts.password_hash(c, login))
@@ -64,6 +66,7 @@ class Service:
             handler,
             checker,
             on_auth_failure=self.metrics.smtpd_sasl_authentication_failures.inc,
+            on_limit=lambda limit: self.metrics.smtpd_limit_refusals.labels(limit=limit).inc(),
         )
         self.delivery: InlineDelivery | DeliveryProcess | None = None
         if config.delivery.hold:

@@ -204,8 +204,9 @@ def test_user_lifecycle(config: Path) -> None:
     listing = cli(config, "user", "list", "--json")
     assert listing.returncode == 0
     [user] = json.loads(listing.stdout)
-    assert set(user) == {"address", "domain", "created_at"}
+    assert set(user) == {"address", "domain", "created_at", "may_send_as"}
     assert (user["address"], user["domain"]) == ("alice@example.org", "example.org")
+    assert user["may_send_as"] == ["alice@example.org"]
     assert time.time() - 60 < user["created_at"] <= time.time()
     assert "argon2" not in listing.stdout  # never the hash, not even in another field
     assert ok(config, "user", "list").startswith("alice@example.org\tadded ")

@@ -1,5 +1,5 @@
 """The store: group commit, one failed operation not sinking its group, a full disk answered
-with 451 so the client keeps the message, and the AUTH tarpit's schedule."""
+with 451 so the client keeps the message, a dead writer, and fsync at every commit."""
 
 from __future__ import annotations
 
@@ -12,7 +12,6 @@ import pytest
 
 from mailrelay.store import Store, queue
 from mailrelay.store.writer import StoreFailed
-from mailrelay.submission.auth import FailureThrottle
 from tests.conftest import Relay
 from tests.test_submission import MESSAGE, queued_id, send_raw
 
@@ -144,32 +143,6 @@ async def test_a_dead_writer_refuses_mail_and_stops_the_service(relay: Relay) ->
         451,
         b"4.3.0 Local error: message not queued, try again later",
     )
-
-
-@pytest.mark.parametrize(
-    ("failures", "delay"), [(0, 0.0), (1, 0.0), (2, 0.5), (3, 1.0), (4, 2.0), (9, 16.0)]
-)
-def test_tarpit_schedule(failures: int, delay: float) -> None:
-    now = [1000.0]
-    throttle = FailureThrottle(clock=lambda: now[0])
-    for _ in range(failures):
-        throttle.failed("192.0.2.1")
-    assert throttle.delay("192.0.2.1") == delay
-    assert throttle.delay("192.0.2.2") == 0.0  # per client address
-
-
-def test_tarpit_forgets_after_window_and_success() -> None:
-    now = [1000.0]
-    throttle = FailureThrottle(clock=lambda: now[0])
-    for _ in range(5):
-        throttle.failed("192.0.2.1")
-    assert throttle.delay("192.0.2.1") == 4.0
-    now[0] += throttle.window + 1
-    assert throttle.delay("192.0.2.1") == 0.0
-    for _ in range(5):
-        throttle.failed("192.0.2.1")
-    throttle.succeeded("192.0.2.1")
-    assert throttle.delay("192.0.2.1") == 0.0
 
 
 async def test_every_commit_is_fsynced(tmp_path: Path) -> None:

@@ -205,7 +205,6 @@ class TransportPolicy:
             routes.append(route)
         return Destination(domain, tuple(routes), tuple(prepared))
 
-
     def within_limits(self, hosts: Sequence[MxHost]) -> list[MxHost]:
         """The MX hosts an attempt tries: the first `max_mx_hosts`, each with the addresses of
         the configured family, `max_mx_addresses` in all; hosts left with none are dropped."""

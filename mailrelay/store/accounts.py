@@ -50,6 +50,9 @@ def delete_user(conn: sqlite3.Connection, address: str) -> None:
     cur = conn.execute("DELETE FROM users WHERE address = ?", (address.lower(),))
     if cur.rowcount == 0:
         raise NotFound(f"no user {address.lower()}")
+    # Grants go with the user (ON DELETE CASCADE); the usage counts are not tied to the row, so
+    # that deleting a user mid-session cannot fail the commit of a message already accepted.
+    conn.execute("DELETE FROM user_usage WHERE user_address = ?", (address.lower(),))
 
 
 def password_hash(conn: sqlite3.Connection, address: str) -> str | None:

@@ -124,6 +124,27 @@ MIGRATIONS: tuple[str, ...] = (
         body TEXT NOT NULL                    -- the policy file as fetched, for the record
     );
     """,
+    # Who may send as whom (Postfix's smtpd_sender_login_maps): a user may always send as their
+    # own address; each row lets them send as one more address, or as any address of one of our
+    # domains ('@example.org'). And per-user rates and quotas ([limits]): what each user has had
+    # queued in the current minute, hour and day, counted in the transaction that queues the
+    # message, so that a restart resets nothing and a refused message counts for nothing.
+    """
+    CREATE TABLE sender_grants (
+        user_address TEXT NOT NULL REFERENCES users(address) ON DELETE CASCADE,
+        sender TEXT NOT NULL,                 -- 'bob@example.org', or '@example.org'
+        created_at REAL NOT NULL,
+        PRIMARY KEY (user_address, sender)
+    );
+    CREATE TABLE user_usage (
+        user_address TEXT NOT NULL,
+        period TEXT NOT NULL CHECK (period IN ('minute', 'hour', 'day')),
+        started_at REAL NOT NULL,             -- the current window: a whole minute, hour, UTC day
+        messages INTEGER NOT NULL,
+        recipients INTEGER NOT NULL,
+        PRIMARY KEY (user_address, period)
+    );
+    """,
 )
 
 

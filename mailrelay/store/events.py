@@ -38,7 +38,17 @@ def record_refused(
     delivered ones; for a transaction that never got that far, it groups its refusals.
     """
     for address in recipients:
-        queue.add_event(conn, at, queue_id, address, "REFUSED", reply=reply)
+        queue.add_event(conn, at, queue_id, storable(address), "REFUSED", reply=storable(reply))
+
+
+def storable(text: str) -> str:
+    """`text` as valid UTF-8, which SQLite must be given. A refused address is kept as the client
+    wrote it, and aiosmtpd hands on bytes that are not UTF-8 as lone surrogates
+    (surrogateescape): those become backslash escapes (\\xff)."""
+    try:
+        return text.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
+    except UnicodeEncodeError:  # a surrogate that no byte was escaped to
+        return text.encode("utf-8", "backslashreplace").decode("utf-8")
 
 
 @dataclass(frozen=True)

@@ -91,6 +91,13 @@ class Store:
 
     async def write(self, op: Callable[[sqlite3.Connection], T]) -> T:
         """Run `op` in a transaction; return once its effects are committed to disk."""
+        return await self.submit(op)
+
+    def submit(self, op: Callable[[sqlite3.Connection], T]) -> asyncio.Future[T]:
+        """Queue `op` for the writer now, on the calling (event loop) thread; the future is done
+        once it is committed or has failed. For a write nobody waits on: queued before `stop`,
+        it is committed before `stop` returns, and no task has to outlive its caller for it.
+        Raises StoreClosed (or StoreFailed) at once if nothing more can be written."""
         if self.failure is not None:
             raise StoreFailed(f"the store failed: {self.failure!r}")
         if self._closed:
@@ -98,7 +105,7 @@ class Store:
         loop = asyncio.get_running_loop()
         future: asyncio.Future[T] = loop.create_future()
         self._jobs.put(_Operation(op, future, loop))
-        return await future
+        return future
 
     async def read(self, op: Callable[[sqlite3.Connection], T]) -> T:
         """Run a query on the read connection, in a worker thread."""

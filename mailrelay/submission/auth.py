@@ -1,18 +1,18 @@
 """Password checking for SMTP AUTH: argon2 hashes verified off the event loop on a bounded pool
-of their own, a short-lived cache of successful checks, and a tarpit that slows down a client
-address after repeated failures."""
+of their own, a short-lived cache of successful checks, and a back-off that slows down guessing
+per client address and per login name, across sessions."""
 
 from __future__ import annotations
 
 import asyncio
 import concurrent.futures
+import contextlib
 import functools
 import hashlib
 import hmac
 import secrets
 import time
-from collections.abc import Awaitable, Callable
-from dataclasses import dataclass, field
+from collections.abc import AsyncIterator, Awaitable, Callable
 
 from argon2 import PasswordHasher
 from argon2.exceptions import InvalidHashError, VerificationError
@@ -96,37 +96,155 @@ class PasswordChecker:
         self._pool.shutdown(wait=False, cancel_futures=True)
 
 
-@dataclass
-class FailureThrottle:
-    """Remembers recent AUTH failures per client address and says how long to wait before
-    answering the next attempt from it: nothing for the first failure, then doubling to a cap.
+def backoff_delay(failures: int, cap: float, base: float = 0.5) -> float:
+    """How long to hold back the next AUTH attempt after `failures` recent failures: nothing
+    after the first (a typo), then `base`, doubling, up to `cap`."""
+    if failures < 2:
+        return 0.0
+    return float(min(cap, base * 2.0 ** min(failures - 2, 64)))
+
+
+# A client address and login that authenticated together are trusted for this long: the login's
+# own back-off (which guesses from anywhere raise) does not hold them up, so that a brute force
+# against one login cannot lock its owner out. Their address's back-off still applies.
+TRUSTED_FOR = 86400.0
+# Bounds memory under a guessing attack from many addresses or at many logins.
+MAX_REMEMBERED = 100_000
+
+
+class AuthBackoff:
+    """AUTH failures remembered per client address and per login name, across sessions.
+
+    Each attempt waits its turn: attempts from one address are answered one at a time, and so
+    are attempts at one login (except from an address it recently authenticated from). Once it
+    is its turn, it waits `backoff_delay` of the larger of its address's and its login's recent
+    failures, then its password is checked. Forty parallel connections from one address are
+    thereby as slow as one, and guesses at one login spread over many addresses queue up too.
+
+    A success forgets only the failures of that login from that address (the user's own typos):
+    an attacker who logs in as themselves between guesses resets nothing of the other logins'.
 
     In memory only: a restart forgets, which is acceptable for a tarpit whose purpose is to make
     guessing slow, not to ban.
     """
 
-    window: float = 900.0
-    base_delay: float = 0.5
-    max_delay: float = 16.0
-    clock: Callable[[], float] = time.monotonic
-    _failures: dict[str, list[float]] = field(default_factory=dict)
+    def __init__(
+        self,
+        max_delay: float,
+        *,
+        window: float = 900.0,
+        base_delay: float = 0.5,
+        clock: Callable[[], float] = time.monotonic,
+        on_delay: Callable[[float], None] = lambda _delay: None,
+    ) -> None:
+        self.max_delay = max_delay
+        self.window = window
+        self.base_delay = base_delay
+        self._clock = clock
+        self._on_delay = on_delay
+        # Recent failures, (time, login) by address and (time, address) by login. The login may
+        # be a mistyped password: it is kept here only, never logged.
+        self._by_client: dict[str, list[tuple[float, str]]] = {}
+        self._by_login: dict[str, list[tuple[float, str]]] = {}
+        self._trusted: dict[tuple[str, str], float] = {}
+        self._turns = _Turns()
 
-    def delay(self, client: str) -> float:
-        recent = self._recent(client)
-        if len(recent) < 2:
-            return 0.0
-        return float(min(self.max_delay, self.base_delay * 2 ** (len(recent) - 2)))
+    def delay(self, client: str, login: str) -> float:
+        """What the next attempt from `client` at `login` would wait once it is its turn."""
+        login = login.lower()
+        failures = len(self._recent(self._by_client, client))
+        if not self._is_trusted(client, login):
+            failures = max(failures, len(self._recent(self._by_login, login)))
+        return backoff_delay(failures, self.max_delay, self.base_delay)
 
-    def failed(self, client: str) -> None:
-        self._recent(client).append(self.clock())
-        if len(self._failures) > 100_000:  # bound memory under a distributed attack
-            self._failures.clear()
+    async def attempt(self, client: str, login: str, check: Callable[[], Awaitable[bool]]) -> bool:
+        """Wait for this attempt's turn and back-off, run `check`, and remember a failure.
 
-    def succeeded(self, client: str) -> None:
-        self._failures.pop(client, None)
+        An exception from `check` (the store is down) records nothing: not the client's fault.
+        """
+        login = login.lower()
+        async with self._turns.hold(("client", client)):
+            if self._is_trusted(client, login):
+                return await self._run(client, login, check)
+            async with self._turns.hold(("login", login)):
+                return await self._run(client, login, check)
 
-    def _recent(self, client: str) -> list[float]:
-        cutoff = self.clock() - self.window
-        recent = [t for t in self._failures.get(client, []) if t > cutoff]
-        self._failures[client] = recent
+    async def _run(self, client: str, login: str, check: Callable[[], Awaitable[bool]]) -> bool:
+        # Computed now, after the attempts ahead of this one have ended and been counted.
+        delay = self.delay(client, login)
+        if delay:
+            self._on_delay(delay)
+            await asyncio.sleep(delay)
+        ok = await check()
+        if ok:
+            self._succeeded(client, login)
+        else:
+            self._failed(client, login)
+        return ok
+
+    def _failed(self, client: str, login: str) -> None:
+        now = self._clock()
+        self._by_client[client] = [*self._recent(self._by_client, client), (now, login)]
+        self._by_login[login] = [*self._recent(self._by_login, login), (now, client)]
+        if len(self._by_client) + len(self._by_login) > MAX_REMEMBERED:
+            self._forget_old()
+
+    def _succeeded(self, client: str, login: str) -> None:
+        for table, key, other in (
+            (self._by_client, client, login),
+            (self._by_login, login, client),
+        ):
+            table[key] = [f for f in table.get(key, ()) if f[1] != other]
+            self._recent(table, key)  # drops the key if nothing is left
+        if len(self._trusted) >= MAX_REMEMBERED:
+            now = self._clock()
+            self._trusted = {k: t for k, t in self._trusted.items() if t > now}
+            if len(self._trusted) >= MAX_REMEMBERED:
+                self._trusted.clear()
+        self._trusted[(client, login)] = self._clock() + TRUSTED_FOR
+
+    def _is_trusted(self, client: str, login: str) -> bool:
+        return self._trusted.get((client, login), 0.0) > self._clock()
+
+    def _recent(
+        self, table: dict[str, list[tuple[float, str]]], key: str
+    ) -> list[tuple[float, str]]:
+        """The failures of `key` within the window; a key with none is dropped (memory)."""
+        cutoff = self._clock() - self.window
+        recent = [f for f in table.get(key, ()) if f[0] > cutoff]
+        if recent:
+            table[key] = recent
+        else:
+            table.pop(key, None)
         return recent
+
+    def _forget_old(self) -> None:
+        for table in (self._by_client, self._by_login):
+            for key in list(table):
+                self._recent(table, key)
+        if len(self._by_client) + len(self._by_login) > MAX_REMEMBERED:
+            # Still too many: a distributed attack. Forgetting is the lesser harm than memory.
+            self._by_client.clear()
+            self._by_login.clear()
+
+
+class _Turns:
+    """One lock per key, kept only while an attempt holds or waits for it."""
+
+    def __init__(self) -> None:
+        self._locks: dict[tuple[str, str], tuple[asyncio.Lock, int]] = {}
+
+    @contextlib.asynccontextmanager
+    async def hold(self, key: tuple[str, str]) -> AsyncIterator[None]:
+        lock, users = self._locks.get(key, (None, 0))
+        lock = lock or asyncio.Lock()
+        self._locks[key] = (lock, users + 1)
+        try:
+            async with lock:
+                yield
+        finally:
+            lock, users = self._locks[key]
+            if users == 1:
+                del self._locks[key]
+            else:
+                self._locks[key] = (lock, users - 1)

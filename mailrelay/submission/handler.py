@@ -13,8 +13,9 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, Literal
 
-from mailrelay.config import SubmissionConfig
-from mailrelay.store import Store, accounts, events, queue
+from mailrelay.config import LimitsConfig, SubmissionConfig
+from mailrelay.store import Store, accounts, events, queue, senders, usage
+from mailrelay.store.writer import StoreClosed
 from mailrelay.submission import headers, replies
 from mailrelay.submission.message import add_submission_headers
 
@@ -27,6 +28,18 @@ a worker thread with the rest of the message's work."""
 _BARE_LINE_ENDING = re.compile(rb"\r(?!\n)|(?<!\r)\n")
 _DOMAIN = re.compile(r"(?=.{1,253}$)([a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?\.)+[a-z]{2,63}")
 _LOCAL = re.compile(r"[A-Za-z0-9!#$%&'*+/=?^_`{|}~.-]{1,64}")
+_NOT_PRINTABLE = re.compile(r"[^\x21-\x7e]")
+
+# The per-user policy's replies (they join the others in `replies` once that module's present
+# edits have landed). An address named in a reply is shown printable and at most 256 characters.
+NOT_A_SENDER = "553 5.7.1 <{address}>: not a sender {user} may use"
+NUL_IN_DATA = "554 5.6.0 Message refused: NUL character in DATA (RFC 5322 section 2.3, RFC 6152)"
+# {limit} is "2 messages", "1 recipient"; {seconds} "41 seconds".
+TOO_MANY_MESSAGES = "451 4.7.1 {user}: more than {limit} a minute; try again in {seconds}"
+TOO_MANY_RECIPIENTS_IN = "452 4.5.3 {user}: more than {limit} {window}; try again in {seconds}"
+
+UserLimit = Literal["messages_per_minute", "recipients_per_hour", "recipients_per_day"]
+"""The [limits] on one user's sending, as `smtpd_limit_refusals{limit}` names them."""
 
 
 def split_address(address: str) -> tuple[str, str] | None:
@@ -61,6 +74,22 @@ class _Refusal:
 
 
 @dataclass(frozen=True)
+class _Prepared:
+    message: bytes
+    """Signed, as it will be queued."""
+
+
+class _OverLimit(Exception):
+    """Raised inside the queueing transaction (which it rolls back) when the message takes the
+    user past a rate or quota that sessions running side by side each saw room under."""
+
+    def __init__(self, limit: UserLimit, reply: str) -> None:
+        super().__init__(reply)
+        self.limit = limit
+        self.reply = reply
+
+
+@dataclass(frozen=True)
 class Accepted:
     queue_id: str
     recipients: int
@@ -79,8 +108,15 @@ class SubmissionHandler:
         authentication_results_for: Callable[[str], str] | None = None,
         on_accepted: Callable[[Accepted], None] | None = None,
         on_rejected: Callable[[str], None] | None = None,
+        limits: LimitsConfig | None = None,
+        on_limit: Callable[[UserLimit], None] | None = None,
     ) -> None:
         self.config = config
+        # None: no per-user rates or quotas (the service always passes its [limits]).
+        self.limits = limits or LimitsConfig(
+            messages_per_minute=0, recipients_per_hour=0, recipients_per_day=0
+        )
+        self.on_limit = on_limit
         self.hostname = hostname
         self.store = store
         self.signer = signer
@@ -88,7 +124,7 @@ class SubmissionHandler:
         self.authentication_results_for = authentication_results_for
         self.on_accepted = on_accepted
         self.on_rejected = on_rejected
-        self._writes: set[asyncio.Task[None]] = set()
+        self._writes: set[asyncio.Future[None]] = set()
 
     def refuse(
         self, session: Any, envelope: Any, reply: str, stage: Stage, rcpts: list[str]
@@ -118,25 +154,32 @@ class SubmissionHandler:
 
     def _record_refused(self, queue_id: str, rcpts: list[str], reply: str) -> None:
         # Not awaited: a refusal promises the client nothing durable, so its reply need not wait
-        # for a commit (one fsync per bad RCPT). The task is kept until written, and `flush`
-        # waits for the stragglers; a write that fails is logged, never raised into a session.
+        # for a commit (one fsync per bad RCPT). Handed to the writer here and now, not from a
+        # task that might first run after the store has stopped: whatever is refused before
+        # `Store.stop` is committed by it. `flush` waits for the commits; one that fails is
+        # logged (its outcome always read), never raised into a session.
         op = functools.partial(
             events.record_refused, at=time.time(), queue_id=queue_id, recipients=rcpts, reply=reply
         )
-        task = asyncio.get_running_loop().create_task(self._write(op, queue_id))
-        self._writes.add(task)
-        task.add_done_callback(self._writes.discard)
-
-    async def _write(self, op: Callable[[sqlite3.Connection], None], queue_id: str) -> None:
         try:
-            await self.store.write(op)
-        except (sqlite3.Error, RuntimeError) as exc:
+            written = self.store.submit(op)
+        except StoreClosed as exc:
             log.warning("event=refusal_not_recorded queue_id=%s error=%r", queue_id, str(exc))
+            return
+        self._writes.add(written)
+        written.add_done_callback(functools.partial(self._written, queue_id))
+
+    def _written(self, queue_id: str, written: asyncio.Future[None]) -> None:
+        self._writes.discard(written)
+        error = None if written.cancelled() else written.exception()
+        if error is not None:
+            log.warning("event=refusal_not_recorded queue_id=%s error=%r", queue_id, str(error))
 
     async def flush(self) -> None:
-        """Wait until every refusal recorded so far is written (before the store stops)."""
+        """Wait until every refusal recorded so far is written or has failed (before the store
+        stops); refusals made meanwhile are waited for too. Never raises."""
         while self._writes:
-            await asyncio.gather(*self._writes)
+            await asyncio.wait(set(self._writes))
 
     async def handle_EHLO(
         self, server: Any, session: Any, envelope: Any, hostname: str, responses: list[str]
@@ -152,12 +195,32 @@ class SubmissionHandler:
         parts = split_address(address)
         if parts is None:
             return self.refuse(session, envelope, replies.BAD_ADDRESS, "mail", [])
-        if parts[1] != login.rpartition("@")[2]:
-            return self.refuse(session, envelope, replies.SENDER_NOT_OWNED, "mail", [])
-        domain = await self.store.read(lambda c: accounts.get_domain(c, parts[1]))
+        now = time.time()
+        limited = self._limited
+
+        def facts(c: sqlite3.Connection) -> _MailFacts:
+            return _MailFacts(
+                senders.send_as(c, login),
+                accounts.get_domain(c, parts[1]),
+                usage.current(c, login, now) if limited else None,
+            )
+
+        found = await self.store.read(facts)
+        refusal = _sender_refusal(found.send_as, address, foreign=replies.SENDER_NOT_OWNED)
+        if refusal is not None:
+            return self.refuse(session, envelope, refusal, "mail", [])
+        domain = found.domain
         if domain is None or (domain.state != "valid" and not self.config.allow_unverified_domains):
             reply = replies.DOMAIN_NOT_VERIFIED.format(domain=parts[1])
             return self.refuse(session, envelope, reply, "mail", [])
+        if found.used is not None:
+            minute = found.used["minute"]
+            too_many = self._too_many_messages(login, minute, minute.messages + 1, now)
+            if too_many is not None:
+                self._count_limit("messages_per_minute")
+                return self.refuse(session, envelope, too_many, "mail", [])
+        # What the user had queued when the transaction began: RCPT checks the quotas on it.
+        envelope.usage = found.used
         envelope.mail_from = address
         envelope.mail_options.extend(options)
         # The queue id is chosen here, not at DATA, so that recipients refused during the
@@ -173,34 +236,65 @@ class SubmissionHandler:
             return self.refuse(session, envelope, replies.BAD_ADDRESS, "rcpt", [address])
         if len(envelope.rcpt_tos) >= self.config.max_recipients:
             return self.refuse(session, envelope, replies.TOO_MANY_RECIPIENTS, "rcpt", [address])
+        used: usage.Usage | None = getattr(envelope, "usage", None)
+        if used is not None:
+            # Counting this transaction's recipients so far, each once, as they will be queued.
+            pending = len(queue.unique_recipients((*envelope.rcpt_tos, address)))
+            over = self._too_many_recipients(
+                authenticated_user(session), used, pending, time.time()
+            )
+            if over is not None:
+                self._count_limit(over[0])
+                return self.refuse(session, envelope, over[1], "rcpt", [address])
         envelope.rcpt_tos.append(address)
         envelope.rcpt_options.extend(options)
         return "250 2.1.5 Recipient ok"
 
     async def handle_DATA(self, server: Any, session: Any, envelope: Any) -> str:
         login = authenticated_user(session)
-        sending_domain = login.rpartition("@")[2]
+        # Bounces of this message go to the envelope sender, copies to its domain's address.
+        sender_domain = envelope.mail_from.rpartition("@")[2].lower()
         now = time.time()
         queue_id: str = getattr(envelope, "queue_id", None) or queue.new_message_id()
         # Everything this message costs in CPU -- checks, header parsing, our headers, the DKIM
         # signature -- in one worker-thread call: the event loop goes on serving other sessions,
         # and OpenSSL signs with the GIL released.
         prepared = await asyncio.to_thread(
-            self._prepare, envelope.original_content, login, queue_id, now
+            self._prepare, envelope.original_content, login, sender_domain, queue_id, now
         )
-        if not isinstance(prepared, bytes):
+        if isinstance(prepared, _Refusal):
             return self._refuse_data(session, envelope, prepared.reply)
-        message = prepared
+        message = prepared.message
         new = queue.NewMessage(
             sender=envelope.mail_from,
             recipients=tuple(envelope.rcpt_tos),
             data=message,
             auth_user=login,
             client_ip=session.peer[0] if session.peer else None,
-            sender_domain=sending_domain,
+            sender_domain=sender_domain,
         )
+        limited = self._limited
+
+        def commit(c: sqlite3.Connection) -> None:
+            queue.enqueue(c, new, now, queue_id)
+            if limited:
+                # Counted with the message, so that one refused or not committed counts for
+                # nothing; checked again here, where sessions side by side cannot both pass.
+                recipients = len(queue.unique_recipients(new.recipients))
+                counted = usage.count(c, login, now, recipients)
+                minute = counted["minute"]
+                reply = self._too_many_messages(login, minute, minute.messages, now)
+                if reply is not None:
+                    raise _OverLimit("messages_per_minute", reply)
+                over = self._too_many_recipients(login, counted, 0, now)
+                if over is not None:
+                    raise _OverLimit(*over)
+
         try:
-            await self.store.write(lambda c: queue.enqueue(c, new, now, queue_id))
+            await self.store.write(commit)
+        except _OverLimit as over:
+            self._count_limit(over.limit)
+            return self._refuse_data(session, envelope, over.reply)
         except (sqlite3.Error, RuntimeError) as exc:
             # Not on disk: say so with a 4xx so the client keeps the message and retries.
             log.error("event=queue_failed queue_id=%s error=%r", queue_id, str(exc))
@@ -217,13 +311,18 @@ class SubmissionHandler:
             self.on_accepted(Accepted(queue_id, len(envelope.rcpt_tos)))
         return replies.QUEUED.format(queue_id=queue_id)
 
-    def _prepare(self, data: bytes, login: str, queue_id: str, now: float) -> bytes | _Refusal:
+    def _prepare(
+        self, data: bytes, login: str, sender_domain: str, queue_id: str, now: float
+    ) -> _Prepared | _Refusal:
         """The message as it will be queued, or why DATA is refused. Runs in a worker thread."""
         if _BARE_LINE_ENDING.search(data):
             # SMTP smuggling: a bare LF or CR may be read as a line end by the next hop, which
             # would then see a second message hidden in this one. Refuse the whole DATA.
             return _Refusal(replies.BARE_LINE_ENDING)
-        sending_domain = login.rpartition("@")[2]
+        if b"\0" in data:
+            # RFC 5322 section 2.3 and RFC 6152 allow no NUL, not even in an 8-bit body; many
+            # programs after us would cut the message short there.
+            return _Refusal(NUL_IN_DATA)
         try:
             section = headers.read(data)
         except headers.HeaderError as exc:
@@ -232,11 +331,30 @@ class SubmissionHandler:
         from_fields = section.all("From")
         if len(from_fields) != 1:
             return _Refusal(replies.FROM_MISSING)
-        addresses = email.utils.getaddresses([from_fields[0].unfolded()])
-        if not addresses or any(
-            (split_address(a) or ("", ""))[1] != sending_domain for _, a in addresses
-        ):
+        send_as = self.store.read_blocking(lambda c: senders.send_as(c, login))
+        # Every address of From: (and below, of each Sender:) as email.utils reads them: on a
+        # malformed field it yields more, and emptier, addresses than a lenient reader would.
+        authors = [a for _, a in email.utils.getaddresses([from_fields[0].unfolded()])]
+        if not authors:
             return _Refusal(replies.FROM_NOT_OWNED)
+        for address in authors:
+            refusal = _sender_refusal(send_as, address, foreign=replies.FROM_NOT_OWNED)
+            if refusal is not None:
+                return _Refusal(refusal)
+        for field in section.all("Sender"):
+            for _, address in email.utils.getaddresses([field.unfolded()]) or [("", "")]:
+                refusal = _sender_refusal(send_as, address, foreign=None)
+                if refusal is not None:
+                    return _Refusal(refusal)
+        # DMARC aligns on the From: domain, so that is the domain that signs. It differs from
+        # the envelope's (checked at MAIL) only under a grant for another of our domains.
+        signing_domain = authors[0].rpartition("@")[2].lower()
+        if signing_domain != sender_domain:
+            domain = self.store.read_blocking(lambda c: accounts.get_domain(c, signing_domain))
+            if domain is None or (
+                domain.state != "valid" and not self.config.allow_unverified_domains
+            ):
+                return _Refusal(replies.DOMAIN_NOT_VERIFIED.format(domain=signing_domain))
         message = add_submission_headers(
             data,
             hostname=self.hostname,
@@ -246,7 +364,53 @@ class SubmissionHandler:
             if self.authentication_results_for
             else None,
         )
-        return self.signer(message, sending_domain) if self.signer is not None else message
+        if self.signer is not None:
+            message = self.signer(message, signing_domain)
+        return _Prepared(message)
+
+    # ---- per-user rates and quotas ([limits]) ----------------------------------------------
+
+    @property
+    def _limited(self) -> bool:
+        lim = self.limits
+        return bool(lim.messages_per_minute or lim.recipients_per_hour or lim.recipients_per_day)
+
+    def _too_many_messages(
+        self, user: str, minute: usage.Window, messages: int, now: float
+    ) -> str | None:
+        """The refusal if `messages` (this minute's, the one at hand included) is too many."""
+        limit = self.limits.messages_per_minute
+        if not limit or messages <= limit:
+            return None
+        return TOO_MANY_MESSAGES.format(
+            user=user,
+            limit=_counted(limit, "message"),
+            seconds=_counted(minute.seconds_left(now), "second"),
+        )
+
+    def _too_many_recipients(
+        self, user: str, used: usage.Usage, adding: int, now: float
+    ) -> tuple[UserLimit, str] | None:
+        """The quota and its refusal if `adding` more recipients take the user past one."""
+        quotas: tuple[tuple[usage.Period, int, UserLimit, str], ...] = (
+            ("hour", self.limits.recipients_per_hour, "recipients_per_hour", "an hour"),
+            ("day", self.limits.recipients_per_day, "recipients_per_day", "a day"),
+        )
+        for period, limit, name, window in quotas:
+            current = used[period].at(now)
+            if limit and current.recipients + adding > limit:
+                reply = TOO_MANY_RECIPIENTS_IN.format(
+                    user=user,
+                    limit=_counted(limit, "recipient"),
+                    window=window,
+                    seconds=_counted(current.seconds_left(now), "second"),
+                )
+                return name, reply
+        return None
+
+    def _count_limit(self, limit: UserLimit) -> None:
+        if self.on_limit is not None:
+            self.on_limit(limit)
 
     def _refuse_data(self, session: Any, envelope: Any, reply: str) -> str:
         return self.refuse(session, envelope, reply, "data", list(envelope.rcpt_tos))
@@ -256,3 +420,29 @@ class SubmissionHandler:
             raise error
         log.exception("event=session_error error=%r", type(error).__name__)
         return replies.INTERNAL_ERROR
+
+
+@dataclass(frozen=True)
+class _MailFacts:
+    """What MAIL needs from the store, read in one go."""
+
+    send_as: senders.SendAs
+    domain: accounts.Domain | None
+    used: usage.Usage | None
+
+
+def _sender_refusal(send_as: senders.SendAs, address: str, *, foreign: str | None) -> str | None:
+    """Why the user may not send as `address`, or None if they may. An address outside the
+    user's own domain that no grant covers gets `foreign` where given (the refusal that was there
+    before per-user grants); every other one is named."""
+    if send_as.allows(address):
+        return None
+    own_domain = send_as.user.rpartition("@")[2]
+    if foreign is not None and (split_address(address) or ("", ""))[1] != own_domain:
+        return foreign
+    shown = _NOT_PRINTABLE.sub("?", address)[:256]
+    return NOT_A_SENDER.format(address=shown, user=send_as.user)
+
+
+def _counted(n: int, noun: str) -> str:
+    return f"{n} {noun}" if n == 1 else f"{n} {noun}s"

@@ -40,6 +40,18 @@ LINE_TOO_LONG = "500 5.5.2 Line too long (RFC 5321 section 4.5.3.1.6)"
 QUEUED = "250 2.0.0 Ok: queued as {queue_id}"
 NOT_QUEUED = "451 4.3.0 Local error: message not queued, try again later"
 SHUTTING_DOWN = "421 4.3.2 Service shutting down, try again later"
+# Connection caps ([limits], like Postfix's anvil), answered before anything else; then closed.
+TOO_MANY_CONNECTIONS = "421 4.7.0 Too many connections to this server, try again later"
+TOO_MANY_CONNECTIONS_FROM_CLIENT = (
+    "421 4.7.0 Too many connections from your address, try again later"
+)
+TOO_MANY_UNAUTHENTICATED = (
+    "421 4.7.0 Too many unauthenticated connections from your address, try again later"
+)
+# RFC 3463 X.4.2 "bad connection": the session ends for want of the client's bytes.
+PRE_AUTH_TIMEOUT = "421 4.4.2 Not authenticated in time, closing connection"
+TIMEOUT = "421 4.4.2 Timeout exceeded, closing connection"
+DATA_TOO_SLOW = "421 4.4.2 Message data too slow, closing connection"
 INTERNAL_ERROR = "451 4.3.0 Internal error"
 
 # aiosmtpd's own wording, replaced by ours where the code itself should differ.

@@ -10,19 +10,77 @@ import logging
 import sqlite3
 import ssl
 import warnings
+from collections import Counter
 from collections.abc import Callable
 from typing import Any, AnyStr, Literal, cast
 
 from aiosmtpd.smtp import SMTP, AuthResult, LoginPassword
 
-from mailrelay.config import Config
+from mailrelay.config import Config, LimitsConfig
 from mailrelay.store.writer import StoreClosed
 from mailrelay.submission import paths, replies
-from mailrelay.submission.auth import FailureThrottle, PasswordChecker
+from mailrelay.submission.auth import AuthBackoff, PasswordChecker
 from mailrelay.submission.handler import Stage, SubmissionHandler
 from mailrelay.submission.tls import server_context
 
 log = logging.getLogger("mailrelay.submission")
+
+# The whole of one DATA may take `timeout` plus the size limit at this rate (64 kbit/s, a poor
+# mobile uplink): 25 MiB at most ~58 minutes. Each read has `timeout` on its own, as Postfix's
+# smtpd_timeout; this caps a client that sends a byte just often enough, for ever.
+DATA_FLOOR_RATE = 8192  # bytes per second
+
+ConnectionLimit = Literal["connections", "connections_per_ip", "unauthenticated_per_ip"]
+LimitName = ConnectionLimit | Literal["pre_auth_timeout", "auth_backoff"]
+
+_CONNECTION_REFUSALS: dict[ConnectionLimit, str] = {
+    "connections": replies.TOO_MANY_CONNECTIONS,
+    "connections_per_ip": replies.TOO_MANY_CONNECTIONS_FROM_CLIENT,
+    "unauthenticated_per_ip": replies.TOO_MANY_UNAUTHENTICATED,
+}
+
+
+class ConnectionCounts:
+    """Open sessions in all, per client address, and per client address not yet authenticated
+    (Postfix's anvil). `admit` counts a new session in, or names the cap it would pass."""
+
+    def __init__(self, limits: LimitsConfig) -> None:
+        self._limits = limits
+        self.total = 0
+        self._per_client: Counter[str] = Counter()
+        self._unauthenticated: Counter[str] = Counter()
+
+    def admit(self, client: str) -> ConnectionLimit | None:
+        limits = self._limits
+        if self.total >= limits.max_connections:
+            return "connections"
+        if self._per_client[client] >= limits.max_connections_per_ip:
+            return "connections_per_ip"
+        if self._unauthenticated[client] >= limits.max_unauthenticated_per_ip:
+            return "unauthenticated_per_ip"
+        self.total += 1
+        self._per_client[client] += 1
+        self._unauthenticated[client] += 1
+        return None
+
+    def authenticated(self, client: str) -> None:
+        _decrement(self._unauthenticated, client)
+
+    def release(self, client: str, *, authenticated: bool) -> None:
+        self.total -= 1
+        _decrement(self._per_client, client)
+        if not authenticated:
+            _decrement(self._unauthenticated, client)
+
+    def open_from(self, client: str) -> tuple[int, int]:
+        """(sessions, of which not authenticated) open from `client`."""
+        return self._per_client[client], self._unauthenticated[client]
+
+
+def _decrement(counts: Counter[str], key: str) -> None:
+    counts[key] -= 1
+    if counts[key] <= 0:
+        del counts[key]  # an address that has gone costs no memory
 
 
 class _Unverified(AuthResult):
@@ -31,8 +89,8 @@ class _Unverified(AuthResult):
 
 class SubmissionSMTP(SMTP):
     """One connection. Adds what aiosmtpd leaves out: enhanced codes on every reply, RFC 5321
-    path syntax, async password checks with a failure limit and tarpit, and a clean 421 on
-    shutdown."""
+    path syntax, async password checks with a failure limit and back-off, connection caps, a
+    deadline for AUTH, a DATA timeout per read, and a 421 before every close of our own."""
 
     def __init__(self, server: SubmissionServer, *, implicit_tls: bool) -> None:
         cfg = server.config.submission
@@ -59,10 +117,16 @@ class SubmissionSMTP(SMTP):
         self._in_ehlo = False
         self._auth_failures = 0
         self.in_transaction = False
+        self._client: str | None = None  # the peer's address, known at connection_made
+        self._refused = False  # over a connection cap: answered 421, nothing else happens
+        self._counted = False
+        self._authenticated = False
+        self._pre_auth: asyncio.TimerHandle | None = None
+        self._in_data = False
+        self._data_cap = cfg.timeout_seconds + cfg.max_message_size / DATA_FLOOR_RATE
 
     def _peer_ip(self) -> str:
-        peer = self.session.peer if self.session else None
-        return str(peer[0]) if peer else "unknown"
+        return self._client or "unknown"
 
     # ---- replies ---------------------------------------------------------------------------
 
@@ -133,26 +197,26 @@ class SubmissionSMTP(SMTP):
 
     async def _check(self, creds: LoginPassword, authzid: bytes = b"") -> AuthResult:
         client = self._peer_ip()
-        delay = self._relay.throttle.delay(client)
-        if delay:
-            await asyncio.sleep(delay)
         login = creds.login.decode("utf-8", "replace")
         password = creds.password.decode("utf-8", "replace")
         # Another identity is refused before the password is looked at, so the answer (and its
         # timing) says nothing about the password; to the client it is one more failure.
         foreign = authzid.decode("utf-8", "replace").lower() not in ("", login.lower())
+
+        async def verify() -> bool:
+            return not foreign and await self._relay.checker.check(login, password)
+
         try:
-            ok = not foreign and await self._relay.checker.check(login, password)
+            ok = await self._relay.backoff.attempt(client, login, verify)
         except (StoreClosed, sqlite3.Error) as exc:
             # Not the client's failure: it counts toward no limit, and RFC 4954 section 6 has
             # the reply that tells the client to come back.
             log.error("event=auth_unavailable client=%s error=%r", client, str(exc))
             return AuthResult(success=False, handled=False, message=replies.AUTH_TEMPORARY_FAILURE)
         if ok:
-            self._relay.throttle.succeeded(client)
+            self._now_authenticated()
             log.info("event=auth_ok client=%s user=%s", client, login.lower())
             return AuthResult(success=True, auth_data=LoginPassword(login.lower().encode(), b""))
-        self._relay.throttle.failed(client)
         self._auth_failures += 1
         self._relay.on_auth_failure()
         # The login name may be a mistyped password: log neither.
@@ -163,6 +227,23 @@ class SubmissionSMTP(SMTP):
             "authzid" if foreign else "credentials",
         )
         return AuthResult(success=False, handled=False, message=replies.AUTH_FAILED)
+
+    def _now_authenticated(self) -> None:
+        """No longer subject to the pre-AUTH deadline nor counted as unauthenticated."""
+        if self._pre_auth is not None:
+            self._pre_auth.cancel()
+            self._pre_auth = None
+        if self._counted and not self._authenticated:
+            self._relay.counts.authenticated(self._peer_ip())
+        self._authenticated = True
+
+    def _pre_auth_expired(self) -> None:
+        self._pre_auth = None
+        if self._authenticated:
+            return
+        self._relay.on_limit("pre_auth_timeout")
+        log.info("event=pre_auth_timeout client=%s", self._peer_ip())
+        self._close_with(replies.PRE_AUTH_TIMEOUT)
 
     async def smtp_AUTH(self, arg: str) -> None:
         await super().smtp_AUTH(arg)
@@ -213,22 +294,96 @@ class SubmissionSMTP(SMTP):
         self.in_transaction = False
 
     async def smtp_DATA(self, arg: str) -> None:
-        await super().smtp_DATA(arg)
+        self._in_data = True
+        cap = asyncio.get_running_loop().call_later(self._data_cap, self._data_too_slow)
+        try:
+            await super().smtp_DATA(arg)
+        finally:
+            self._in_data = False
+            cap.cancel()
         self.in_transaction = bool(self.envelope and self.envelope.mail_from)
         if self._relay.stopping and not self.in_transaction:
             self.close_for_shutdown()
 
+    def _reading_data(self) -> bool:
+        """Between 354 and the final dot: once aiosmtpd has the content, the handler is at work
+        and the time is ours, not the client's."""
+        return (
+            self._in_data and self.envelope is not None and self.envelope.original_content is None
+        )
+
+    def _data_too_slow(self) -> None:
+        if self._reading_data():
+            log.info("event=timeout client=%s stage=data_total", self._peer_ip())
+            self._close_with(replies.DATA_TOO_SLOW)
+
+    def _timeout_cb(self) -> None:
+        """aiosmtpd's idle timer (`submission.timeout`) fired: reset by each command, and in DATA
+        by each read (see data_received). Say why before closing, as Postfix does."""
+        if self._in_data and not self._reading_data():
+            self._reset_timeout()  # the handler is still working on the message
+            return
+        log.info(
+            "event=timeout client=%s stage=%s",
+            self._peer_ip(),
+            "data" if self._in_data else "command",
+        )
+        self._close_with(replies.TIMEOUT)
+
+    def data_received(self, data: bytes) -> None:
+        if self._refused:
+            return
+        if self._in_data:
+            self._reset_timeout()  # per read, not per DATA: a slow but live client goes on
+        super().data_received(data)
+
+    def eof_received(self) -> bool | None:
+        if self._refused:
+            return False
+        return super().eof_received()
+
     def close_for_shutdown(self) -> None:
+        self._close_with(replies.SHUTTING_DOWN)
+
+    def _close_with(self, reply: str) -> None:
         transport = cast(asyncio.WriteTransport | None, self.transport)
         if transport is not None and not transport.is_closing():
-            transport.write(replies.SHUTTING_DOWN.encode() + b"\r\n")
+            transport.write(reply.encode() + b"\r\n")
             transport.close()
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        if self._client is None:  # aiosmtpd calls this again after STARTTLS; count once
+            peer = transport.get_extra_info("peername")
+            self._client = str(peer[0]) if peer else "unknown"
+            refusal = self._relay.counts.admit(self._client)
+            if refusal is not None:
+                self._refuse_connection(cast(asyncio.WriteTransport, transport), refusal)
+                return
+            self._counted = True
+            self._pre_auth = asyncio.get_running_loop().call_later(
+                self._relay.config.limits.pre_auth_timeout, self._pre_auth_expired
+            )
         super().connection_made(transport)
         self._relay.connections.add(self)
 
+    def _refuse_connection(self, transport: asyncio.WriteTransport, limit: ConnectionLimit) -> None:
+        """Over a cap: the reply instead of the banner, and closed before anything else is read
+        (on an implicit-TLS port, after the handshake: the reply has to be encrypted)."""
+        self._refused = True
+        self._relay.on_limit(limit)
+        log.warning("event=connection_refused limit=%s client=%s", limit, self._client)
+        transport.write(_CONNECTION_REFUSALS[limit].encode() + b"\r\n")
+        transport.close()
+
     def connection_lost(self, error: Exception | None) -> None:
+        if self._refused:
+            return  # aiosmtpd never saw this connection: nothing of its to clean up
+        if self._pre_auth is not None:
+            self._pre_auth.cancel()
+            self._pre_auth = None
+        if self._counted:
+            self._counted = False
+            self._relay.counts.release(self._peer_ip(), authenticated=self._authenticated)
         self._relay.connections.discard(self)
         if self._relay.stopping and not self._relay.connections:
             self._relay._drained.set()
@@ -259,12 +414,17 @@ class SubmissionServer:
         handler: SubmissionHandler,
         checker: PasswordChecker,
         on_auth_failure: Callable[[], None] = lambda: None,
+        on_limit: Callable[[LimitName], None] = lambda _limit: None,
     ) -> None:
         self.config = config
         self.handler = handler
         self.checker = checker
-        self.throttle = FailureThrottle()
         self.on_auth_failure = on_auth_failure
+        self.on_limit = on_limit
+        self.counts = ConnectionCounts(config.limits)
+        self.backoff = AuthBackoff(
+            config.limits.auth_backoff_max, on_delay=lambda _delay: on_limit("auth_backoff")
+        )
         self.tls_context: ssl.SSLContext = server_context(
             config.submission.cert_file, config.submission.key_file
         )
@@ -284,6 +444,11 @@ class SubmissionServer:
                     host=address.host,
                     port=address.port,
                     ssl=self.tls_context if implicit else None,
+                    # The protocol (and so the connection caps) sees a connection only once its
+                    # handshake is done: a handshake gets no longer than AUTH as a whole.
+                    ssl_handshake_timeout=(
+                        min(60.0, self.config.limits.pre_auth_timeout) if implicit else None
+                    ),
                     reuse_address=True,
                 )
                 self._servers.append(server)
