@@ -20,7 +20,7 @@ run: install
 test: install
 	$(BIN)/ruff check mailrelay tests scripts
 	$(BIN)/mypy
-	$(BIN)/pytest
+	$(BIN)/pytest -n 2 --dist loadfile
 
 lint: install
 	$(BIN)/ruff check mailrelay tests scripts

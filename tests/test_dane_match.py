@@ -66,6 +66,23 @@ def sha256(cert: x509.Certificate) -> str:
         ("3 1 3 " + "ab" * 32, False),  # no matching type 3
         ("4 1 1 " + "ab" * 32, False),  # no usage 4
     ],
+    # Stable ids: the records hold digests of keys made at import, different in every process
+    # (pytest-xdist's workers must collect the same names).
+    ids=[
+        "ee-3-1-1",
+        "ee-3-0-2",
+        "ta-2-0-0",
+        "ta-2-1-0",
+        "pkix-ee",
+        "pkix-ta",
+        "short-digest",
+        "sha256-length-under-sha512",
+        "not-a-certificate",
+        "not-a-key",
+        "selector-2",
+        "matching-type-3",
+        "usage-4",
+    ],
 )
 def test_which_records_are_usable(text: str, usable: bool) -> None:
     assert Tlsa.from_text(text).usable is usable
