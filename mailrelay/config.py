@@ -154,9 +154,9 @@ class LimitsConfig:
     max_connections_per_ip: int = 50
     max_unauthenticated_per_ip: int = 10
     pre_auth_timeout: float = 60.0
-    messages_per_minute: int = 300
-    recipients_per_hour: int = 5000
-    recipients_per_day: int = 20000
+    messages_per_minute: int = 600
+    recipients_per_hour: int = 10_000
+    recipients_per_day: int = 50_000
     auth_backoff_max: float = 16.0
 
 

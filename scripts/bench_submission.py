@@ -69,6 +69,8 @@ def prepare(work: Path, port: int, unsigned: bool) -> list[str]:
         # Submission only: the queue is held, so delivery neither competes for the CPU nor
         # sends anything anywhere.
         "[delivery]\nhold = true\n"
+        # One user sends everything: no per-user rates or quotas.
+        "[limits]\nmessages_per_minute = 0\nrecipients_per_hour = 0\nrecipients_per_day = 0\n"
     )
     mailrelay = [sys.executable, "-m", "mailrelay", "--config", str(config)]
     subprocess.run(
