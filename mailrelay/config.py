@@ -152,7 +152,7 @@ class LimitsConfig:
 
     max_connections: int = 1000
     max_connections_per_ip: int = 50
-    max_unauthenticated_per_ip: int = 10
+    max_unauthenticated_per_ip: int = 20
     pre_auth_timeout: float = 60.0
     messages_per_minute: int = 600
     recipients_per_hour: int = 10_000

@@ -368,6 +368,8 @@ class Mailrelay:
             # One user sends the whole load: per-user rates and quotas (which Postfix does not
             # have by default either) would refuse most of it.
             "[limits]\n"
+            "max_connections_per_ip = 1000\n"  # every client of the load is 127.0.0.1
+            "max_unauthenticated_per_ip = 1000\n"
             "messages_per_minute = 0\n"
             "recipients_per_hour = 0\n"
             "recipients_per_day = 0\n"

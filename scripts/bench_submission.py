@@ -71,6 +71,8 @@ def prepare(work: Path, port: int, unsigned: bool) -> list[str]:
         "[delivery]\nhold = true\n"
         # One user sends everything: no per-user rates or quotas.
         "[limits]\nmessages_per_minute = 0\nrecipients_per_hour = 0\nrecipients_per_day = 0\n"
+        # And every client is 127.0.0.1.
+        "max_connections_per_ip = 1000\nmax_unauthenticated_per_ip = 1000\n"
     )
     mailrelay = [sys.executable, "-m", "mailrelay", "--config", str(config)]
     subprocess.run(
