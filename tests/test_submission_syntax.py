@@ -411,3 +411,23 @@ async def test_auth_while_the_store_read_fails_is_a_temporary_failure(relay: Rel
     assert relay.service.metrics.smtpd_sasl_authentication_failures._value.get() == 0
     with pytest.raises(sqlite3.OperationalError):
         relay.db().execute("SELECT * FROM users")
+
+
+async def test_smtputf8_is_not_offered_as_utf8_addresses_are_not_taken(relay: Relay) -> None:
+    def exchange() -> tuple[bool, tuple[int, bytes], tuple[int, bytes]]:
+        client = relay.session()
+        try:
+            offered = client.has_extn("smtputf8")
+            with_param = client.docmd("MAIL", "FROM:<alice@example.org> SMTPUTF8")
+            client.rset()
+            utf8 = client.docmd("MAIL", "FROM:<alice@example.org>")
+            client.send("RCPT TO:<jürgen@example.net>\r\n".encode())
+            rcpt = client.getreply()
+            return offered, with_param, rcpt if utf8[0] == 250 else utf8
+        finally:
+            client.close()
+
+    offered, with_param, rcpt = await asyncio.to_thread(exchange)
+    assert offered is False
+    assert with_param == (501, b"5.5.4 Error: SMTPUTF8 disabled")
+    assert rcpt == (500, b"5.5.2 Error: strict ASCII mode")  # no UTF-8 without SMTPUTF8

@@ -101,7 +101,10 @@ class SubmissionSMTP(SMTP):
             super().__init__(
                 server.handler,
                 data_size_limit=cfg.max_message_size,
-                enable_SMTPUTF8=True,
+                # Not offered: addresses are checked as ASCII (handler.split_address), and
+                # offering SMTPUTF8 while refusing every UTF-8 address would be a broken promise.
+                # 8-bit and UTF-8 text in headers and body still pass (8BITMIME).
+                enable_SMTPUTF8=False,
                 hostname=server.config.hostname,
                 ident="mailrelay",
                 tls_context=None if implicit_tls else server.tls_context,
