@@ -7,6 +7,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import sqlite3
+import threading
 from pathlib import Path
 
 import dkim as dkimpy
@@ -431,3 +432,33 @@ async def test_smtputf8_is_not_offered_as_utf8_addresses_are_not_taken(relay: Re
     assert offered is False
     assert with_param == (501, b"5.5.4 Error: SMTPUTF8 disabled")
     assert rcpt == (500, b"5.5.2 Error: strict ASCII mode")  # no UTF-8 without SMTPUTF8
+
+
+async def test_data_is_prepared_off_the_event_loop(relay: Relay) -> None:
+    """Checks, parsing and signing of an accepted message run in a worker thread, in one call,
+    so that a 25 MB message does not stall every other session while it is read."""
+    handler = relay.service.submission.handler
+    signer = handler.signer
+    assert signer is not None
+    seen: list[tuple[str, bool]] = []
+
+    def recording_signer(message: bytes, domain: str) -> bytes:
+        try:
+            asyncio.get_running_loop()
+            on_loop = True
+        except RuntimeError:
+            on_loop = False
+        seen.append((threading.current_thread().name, on_loop))
+        return signer(message, domain)
+
+    handler.signer = recording_signer
+    client = await asyncio.to_thread(relay.session)
+    try:
+        reply = await asyncio.to_thread(
+            send_raw, client, "alice@example.org", ["bob@example.net"], MESSAGE + b".\r\n"
+        )
+    finally:
+        await asyncio.to_thread(client.quit)
+    queued_id(reply)
+    [(thread, on_loop)] = seen
+    assert not on_loop and thread != threading.main_thread().name
