@@ -92,11 +92,19 @@ def make_config(tmp_path: Path, **sections: dict[str, Any]) -> Config:
     return configmod.parse(raw, base_dir=tmp_path)
 
 
-def write_config_file(directory: Path, extra: str = "") -> tuple[Path, int]:
+def write_config_file(
+    directory: Path, extra: str = "", *, delivery: str | None = None, metrics_port: int = 0
+) -> tuple[Path, int]:
     """A TOML config for running mailrelay as a separate process (the CLI, `serve`), loopback
-    only and with delivery held; returns its path and the submission port. `extra` is appended
-    (TOML tables not used here, e.g. "[records]")."""
+    only and with delivery held unless `delivery` gives the [delivery] table's body; returns
+    its path and the submission port. `extra` is appended (TOML tables not used here, e.g.
+    "[records]")."""
     port = free_port()
+    if delivery is None:
+        delivery = (
+            f'hold = true\nport = {free_port()}\nnameservers = ["127.0.0.1:{free_port()}"]\n'
+            "dns_timeout = 1\n"
+        )
     path = directory / "mailrelay.toml"
     path.write_text(
         f"""
@@ -113,12 +121,9 @@ path = "queue.sqlite3"
 key_dir = "dkim"
 rsa_bits = 1024
 [metrics]
-listen = "127.0.0.1:{free_port()}"
+listen = "127.0.0.1:{metrics_port or free_port()}"
 [delivery]
-hold = true
-port = {free_port()}
-nameservers = ["127.0.0.1:{free_port()}"]
-dns_timeout = 1
+{delivery}
 {extra}"""
     )
     return path, port

@@ -199,32 +199,13 @@ async def recorded_as_sent(config: Path, queue_id: str) -> None:
 
 
 def write_delivering_config(directory: Path, world: World) -> tuple[Path, int, int]:
-    port, metrics_port = free_port(), free_port()
-    path = directory / "mailrelay.toml"
-    path.write_text(
-        f"""
-hostname = "relay.test"
-[submission]
-listen = ["127.0.0.1:{port}"]
-cert_file = "tls/cert.pem"
-key_file = "tls/key.pem"
-self_signed_if_missing = true
-allow_unverified_domains = true
-[storage]
-path = "queue.sqlite3"
-[dkim]
-key_dir = "dkim"
-rsa_bits = 1024
-[metrics]
-listen = "127.0.0.1:{metrics_port}"
-[delivery]
-port = {world.smtp_port}
-nameservers = ["{world.nameservers[0]}"]
-ca_file = "{world.ca_file}"
-dns_timeout = 1
-connect_timeout = 5
-"""
+    """A config for `serve` that delivers to `world` from its own delivery process."""
+    metrics_port = free_port()
+    delivery = (
+        f'port = {world.smtp_port}\nnameservers = ["{world.nameservers[0]}"]\n'
+        f'ca_file = "{world.ca_file}"\ndns_timeout = 1\nconnect_timeout = 5\n'
     )
+    path, port = write_config_file(directory, delivery=delivery, metrics_port=metrics_port)
     return path, port, metrics_port
 
 
