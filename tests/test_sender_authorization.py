@@ -335,13 +335,17 @@ async def test_nul_in_data_is_refused(relay: Relay, raw: bytes) -> None:
 async def test_every_refused_recipient_is_recorded_when_the_service_stops_at_once(
     relay: Relay, caplog: pytest.LogCaptureFixture
 ) -> None:
-    # Not UTF-8 (aiosmtpd hands these on as lone surrogates, which SQLite refuses to store),
-    # UTF-8 but not ASCII, and not RFC 5321 syntax: each refused, each to be recorded.
+    # Not UTF-8, UTF-8 but not ASCII: refused by the protocol layer before any hook, since
+    # SMTPUTF8 is not offered (they never become recipients, so they leave no event). Not RFC
+    # 5321 syntax: refused by the handler, each to be recorded even though the service stops
+    # at once. (Addresses that are not valid UTF-8 are still stored escaped, should one reach
+    # the handler: aiosmtpd hands them on as lone surrogates, which SQLite refuses.)
     written = [
         b"\xff@example.net",
         b"caf\xc3\xa9@example.net",
-        b"no\xc0pe@example.net",
         b"a..b@x.net",
+        b"b..c@x.net",
+        b"c..d@x.net",
     ]
 
     def converse() -> list[Reply]:
@@ -358,16 +362,17 @@ async def test_every_refused_recipient_is_recorded_when_the_service_stops_at_onc
         gc.collect()  # a task left behind with an unread failure is reported when collected
         await asyncio.sleep(0)
 
-    bad_address, bad_syntax = expect(replies.BAD_ADDRESS), expect(replies.BAD_RECIPIENT_SYNTAX)
-    assert got == [bad_address, bad_address, bad_address, bad_syntax]
+    not_ascii, bad_syntax = (
+        (500, b"5.5.2 Error: strict ASCII mode"),
+        expect(replies.BAD_RECIPIENT_SYNTAX),
+    )
+    assert got == [not_ascii, not_ascii, bad_syntax, bad_syntax, bad_syntax]
     events = connect(relay.config.storage.path).execute(
         "SELECT recipient, reply FROM events WHERE event = 'REFUSED' ORDER BY id"
     )
     assert [tuple(e) for e in events] == [
-        ("\\xff@example.net", replies.BAD_ADDRESS),
-        ("café@example.net", replies.BAD_ADDRESS),
-        ("no\\xc0pe@example.net", replies.BAD_ADDRESS),
-        ("a..b@x.net", replies.BAD_RECIPIENT_SYNTAX),
+        (address, replies.BAD_RECIPIENT_SYNTAX)
+        for address in ("a..b@x.net", "b..c@x.net", "c..d@x.net")
     ]
     complaints = [
         r.getMessage()

@@ -1,0 +1,222 @@
+"""The `mailrelay user` and `mailrelay domain` commands: submission users and sending domains."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import getpass
+import sqlite3
+import sys
+import time
+
+from mailrelay import onboarding
+from mailrelay.cli_output import UserError, open_db, print_json, when
+from mailrelay.config import Config
+from mailrelay.store import accounts, senders
+from mailrelay.store.queue import transaction
+from mailrelay.submission.auth import hash_password
+from mailrelay.submission.handler import split_address
+
+# ---- users -----------------------------------------------------------------------------------
+
+
+def _read_password(from_stdin: bool) -> str:
+    if from_stdin:
+        password = sys.stdin.readline().rstrip("\r\n")
+    else:
+        password = getpass.getpass("Password: ")
+        if getpass.getpass("Again: ") != password:
+            raise UserError("passwords do not match")
+    if len(password) < 8:
+        raise UserError("password too short: use at least 8 characters")
+    return password
+
+
+def user_add(cfg: Config, args: argparse.Namespace) -> int:
+    if split_address(args.address) is None:
+        raise UserError(f"{args.address!r} is not an e-mail address")
+    conn = open_db(cfg)
+    if accounts.get_domain(conn, args.address.rpartition("@")[2]) is None:
+        domain = args.address.rpartition("@")[2].lower()
+        raise UserError(
+            f"domain {domain} is not set up;"
+            f" first run: mailrelay domain add {domain} --notify ADDRESS"
+        )
+    grants = [_sender(value, "--may-send-as") for value in args.may_send_as]
+    for sender in grants:  # before the password is asked for, not after
+        _require_our_domain(conn, sender)
+    hashed = hash_password(_read_password(args.password_stdin))
+    now = time.time()
+    with transaction(conn):
+        accounts.add_user(conn, args.address, hashed, now)
+        for sender in grants:
+            senders.grant(conn, args.address, sender, now)
+    print(f"user {args.address.lower()} added")
+    if grants:
+        _print_send_as(senders.send_as(conn, args.address))
+    return 0
+
+
+def user_modify(cfg: Config, args: argparse.Namespace) -> int:
+    address = args.address.lower()
+    grants = [_sender(value, "--may-send-as") for value in args.may_send_as]
+    revokes = [_sender(value, "--may-not-send-as") for value in args.may_not_send_as]
+    if not grants and not revokes:
+        raise UserError("nothing to change: give --may-send-as or --may-not-send-as")
+    both = sorted(set(grants) & set(revokes))
+    if both:
+        raise UserError(f"{both[0]} is given to both --may-send-as and --may-not-send-as")
+    if address in revokes:
+        raise UserError(f"{address} may always send as their own address")
+    conn = open_db(cfg)
+    now = time.time()
+    with transaction(conn):
+        for sender in revokes:
+            senders.revoke(conn, address, sender)
+        for sender in grants:
+            senders.grant(conn, address, sender, now)
+    _print_send_as(senders.send_as(conn, address))
+    return 0
+
+
+def _sender(value: str, option: str) -> str:
+    """An ADDRESS or @DOMAIN argument, normalized; a user error if it is neither."""
+    sender = senders.normalize(value)
+    as_address = f"postmaster{sender}" if sender.startswith("@") else sender
+    if split_address(as_address) is None:
+        raise UserError(f"{option}: {value!r} is not an address or @domain")
+    return sender
+
+
+def _require_our_domain(conn: sqlite3.Connection, sender: str) -> None:
+    domain = sender.rpartition("@")[2]
+    if accounts.get_domain(conn, domain) is None:
+        raise UserError(
+            f"domain {domain} is not one of ours; first run: mailrelay domain add {domain}"
+            " --notify ADDRESS"
+        )
+
+
+def _print_send_as(send_as: senders.SendAs) -> None:
+    print(f"user {send_as.user} may send as {', '.join(send_as.addresses)}")
+
+
+def user_list(cfg: Config, args: argparse.Namespace) -> int:
+    conn = open_db(cfg)
+    users = accounts.list_users(conn)
+    send_as = senders.all_send_as(conn)
+    for u in users:
+        u["may_send_as"] = send_as[str(u["address"])].addresses
+    if args.json:
+        print_json(users)
+    else:
+        for u in users:
+            allowed = ", ".join(send_as[str(u["address"])].addresses)
+            print(
+                f"{u['address']}\tadded {when(float(str(u['created_at'])))}\tmay send as {allowed}"
+            )
+    return 0
+
+
+def user_passwd(cfg: Config, args: argparse.Namespace) -> int:
+    conn = open_db(cfg)
+    if accounts.password_hash(conn, args.address) is None:
+        raise accounts.NotFound(f"no user {args.address.lower()}")
+    hashed = hash_password(_read_password(args.password_stdin))
+    with transaction(conn):
+        accounts.set_password(conn, args.address, hashed)
+    print(f"password of {args.address.lower()} changed")
+    return 0
+
+
+def user_delete(cfg: Config, args: argparse.Namespace) -> int:
+    conn = open_db(cfg)
+    with transaction(conn):
+        accounts.delete_user(conn, args.address)
+    print(f"user {args.address.lower()} deleted")
+    return 0
+
+
+# ---- domains ---------------------------------------------------------------------------------
+
+
+def _print_records(report: onboarding.DomainReport, as_json: bool) -> None:
+    if as_json:
+        print_json(report.to_json())
+        return
+    print(
+        f"domain {report.domain.name}: {report.domain.state},"
+        f" bounce copies to {report.domain.notify}"
+    )
+    print("Publish these DNS records:")
+    for r in report.records:
+        print(f'  {r.name}. IN {r.type} "{r.value}"')
+
+
+def domain_add(cfg: Config, args: argparse.Namespace) -> int:
+    domain = args.domain.lower().rstrip(".")
+    if split_address(f"postmaster@{domain}") is None:
+        raise UserError(f"{args.domain!r} is not a domain name")
+    if split_address(args.notify) is None:
+        raise UserError(f"--notify: {args.notify!r} is not an e-mail address")
+    try:
+        report = onboarding.add(open_db(cfg), cfg, domain, args.notify)
+    except OSError as exc:
+        raise UserError(f"cannot write the DKIM key under {cfg.dkim.key_dir}: {exc}") from exc
+    _print_records(report, args.json)
+    if not args.json:
+        print(f"Then run: mailrelay domain check {domain}")
+    return 0
+
+
+def domain_records(cfg: Config, args: argparse.Namespace) -> int:
+    _print_records(onboarding.records(open_db(cfg), cfg, args.domain), args.json)
+    return 0
+
+
+def domain_check(cfg: Config, args: argparse.Namespace) -> int:
+    report = asyncio.run(onboarding.check(open_db(cfg), cfg, args.domain))
+    if args.json:
+        print_json(report.to_json())
+    else:
+        for r in report.records:
+            mark = "valid  " if r.valid else "INVALID"
+            print(f"{mark} {r.record.type} {r.record.name}")
+            print(f"        expected: {r.record.value}")
+            print(f"        found:    {' | '.join(r.found) if r.found else '(nothing)'}")
+            if r.reason:
+                print(f"        why:      {r.reason}")
+        print(f"domain {report.domain}: {'valid' if report.valid else 'not valid'}")
+    return 0 if report.valid else 1
+
+
+def domain_rotate(cfg: Config, args: argparse.Namespace) -> int:
+    report = onboarding.rotate(open_db(cfg), cfg, args.domain)
+    _print_records(report, args.json)
+    return 0
+
+
+def domain_retire(cfg: Config, args: argparse.Namespace) -> int:
+    conn = open_db(cfg)
+    key = onboarding.retire_key(conn, args.domain, args.selector)
+    report = onboarding.records(conn, cfg, args.domain)
+    if not args.json:
+        name = f"{key.selector}._domainkey.{report.domain.name}"
+        print(f"DKIM key {key.selector} retired; you may now remove {name} from DNS")
+    _print_records(report, args.json)
+    return 0
+
+
+def domain_list(cfg: Config, args: argparse.Namespace) -> int:
+    rows = accounts.list_domains(open_db(cfg))
+    if args.json:
+        print_json(
+            [
+                {"domain": d.name, "state": d.state, "notify": d.notify, "checked_at": d.checked_at}
+                for d in rows
+            ]
+        )
+    else:
+        for d in rows:
+            print(f"{d.name}\t{d.state}\tnotify {d.notify}\tchecked {when(d.checked_at)}")
+    return 0

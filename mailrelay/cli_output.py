@@ -1,0 +1,35 @@
+"""What every `mailrelay` command shares: the error it raises, its database, how it prints."""
+
+from __future__ import annotations
+
+import json
+import sqlite3
+import time
+
+from mailrelay.config import Config
+from mailrelay.store import connect
+
+
+class UserError(Exception):
+    """A mistake the operator can fix; printed as one line, exit status 1."""
+
+
+def open_db(cfg: Config) -> sqlite3.Connection:
+    try:
+        return connect(cfg.storage.path)
+    except (OSError, sqlite3.Error) as exc:
+        raise UserError(f"cannot open database {cfg.storage.path}: {exc}") from exc
+
+
+def print_json(value: object) -> None:
+    print(json.dumps(value, indent=2, default=str))
+
+
+def when(ts: float | None) -> str:
+    return "-" if ts is None else time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(ts))
+
+
+def safe(text: str) -> str:
+    # Addresses and replies come from SMTP peers: escape control characters so that printing
+    # them cannot drive the operator's terminal.
+    return "".join(c if c.isprintable() else repr(c)[1:-1] for c in text)
