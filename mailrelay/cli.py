@@ -9,15 +9,17 @@ usage error, as argparse does); they never show a traceback. The commands themse
 from __future__ import annotations
 
 import argparse
+import datetime
 import os
 import sqlite3
 import sys
 from collections.abc import Callable, Sequence
 from typing import Any
 
+from mailrelay import checks, logs
 from mailrelay import config as configmod
-from mailrelay import logs
 from mailrelay.cli_accounts import (
+    domain_activate,
     domain_add,
     domain_check,
     domain_list,
@@ -30,7 +32,7 @@ from mailrelay.cli_accounts import (
     user_modify,
     user_passwd,
 )
-from mailrelay.cli_output import UserError
+from mailrelay.cli_output import UserError, open_existing_db
 from mailrelay.cli_queue import log, queue_delete, queue_list, queue_retry, queue_show, tls_check
 from mailrelay.config import Config, ConfigError
 from mailrelay.store import accounts, events
@@ -43,7 +45,13 @@ def main(argv: Sequence[str] | None = None) -> None:
     args = parser.parse_args(argv)
     try:
         path = args.config or os.environ.get("MAILRELAY_CONFIG")
-        cfg = configmod.load(path)
+        if path is None and not os.path.exists(configmod.DEFAULT_PATH):
+            # Not the embedded defaults: they would point a listing at an empty new database.
+            raise UserError(
+                f"no configuration at {configmod.DEFAULT_PATH} (the default);"
+                " give --config PATH or set MAILRELAY_CONFIG"
+            )
+        cfg = configmod.load(path or configmod.DEFAULT_PATH)
         status = args.func(cfg, args)
     except (
         UserError,
@@ -64,7 +72,11 @@ def main(argv: Sequence[str] | None = None) -> None:
 
 def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="mailrelay", description=__doc__.splitlines()[0])
-    p.add_argument("--config", metavar="PATH", help="TOML file (default: $MAILRELAY_CONFIG)")
+    p.add_argument(
+        "--config",
+        metavar="PATH",
+        help=f"TOML file (default: $MAILRELAY_CONFIG, else {configmod.DEFAULT_PATH})",
+    )
     sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     def cmd(
@@ -94,7 +106,7 @@ def _parser() -> argparse.ArgumentParser:
         metavar="ADDRESS|@DOMAIN",
         help="take back a --may-send-as (repeatable)",
     )
-    _json(cmd(user, "list", user_list, "list users and what each may send as"))
+    _json(cmd(user, "list", _existing_db(user_list), "list users and what each may send as"))
     one = cmd(user, "passwd", user_passwd, "set a user's password")
     one.add_argument("address")
     one.add_argument("--password-stdin", action="store_true", help="read the password from stdin")
@@ -108,11 +120,14 @@ def _parser() -> argparse.ArgumentParser:
     one.add_argument("--notify", required=True, metavar="ADDRESS", help="gets bounce copies")
     _json(cmd(dom, "records", domain_records, "DNS records to publish")).add_argument("domain")
     _json(cmd(dom, "check", domain_check, "check the published records")).add_argument("domain")
-    _json(cmd(dom, "rotate-dkim", domain_rotate, "sign with a new DKIM key")).add_argument("domain")
+    _json(cmd(dom, "rotate-dkim", domain_rotate, "make the next DKIM key")).add_argument("domain")
+    one = _json(cmd(dom, "activate-dkim", domain_activate, "sign with the next DKIM key"))
+    one.add_argument("domain")
+    one.add_argument("--force", action="store_true", help="without checking its DNS record")
     one = _json(cmd(dom, "retire-dkim", domain_retire, "stop listing a rotated-out DKIM key"))
     one.add_argument("domain")
     one.add_argument("selector")
-    _json(cmd(dom, "list", domain_list, "list domains"))
+    _json(cmd(dom, "list", _existing_db(domain_list), "list domains"))
     _json(cmd(sub, "tls-check", tls_check, "probe every MX of a domain")).add_argument("domain")
 
     q = sub.add_parser("queue", help="the delivery queue").add_subparsers(
@@ -135,6 +150,18 @@ def _parser() -> argparse.ArgumentParser:
     one.add_argument("--cursor", metavar="C", help="next_cursor of the previous page")
     one.add_argument("--limit", metavar="N", type=int, default=50, help="events per page")
     return p
+
+
+def _existing_db(
+    func: Callable[[Config, argparse.Namespace], int | None],
+) -> Callable[[Config, argparse.Namespace], int | None]:
+    """A listing that must not create the database it lists (as `open_existing_db` ensures)."""
+
+    def run(cfg: Config, args: argparse.Namespace) -> int | None:
+        open_existing_db(cfg).close()
+        return func(cfg, args)
+
+    return run
 
 
 def _may_send_as(p: argparse.ArgumentParser) -> None:
@@ -163,6 +190,12 @@ def _serve(cfg: Config, args: argparse.Namespace) -> int:
     from mailrelay.service import ServiceFailed, serve  # the other commands need none of it
     from mailrelay.submission.tls import CertificateError
 
+    problems = checks.run(cfg).problems
+    if problems:
+        # As check-config (which the systemd unit runs first): every problem, then refuse.
+        for problem in problems[:-1]:
+            print(f"mailrelay: {problem}", file=sys.stderr)
+        raise UserError(problems[-1])
     logs.setup(cfg.log)
     try:
         uvloop.run(serve(cfg, on_started=_print_started))
@@ -200,5 +233,16 @@ def _print_started(service: Any) -> None:
 
 
 def _check_config(cfg: Config, args: argparse.Namespace) -> int:
+    report = checks.run(cfg)
+    for problem in report.problems:
+        print(f"mailrelay: {problem}", file=sys.stderr)
+    if report.problems:
+        return 1
     print(f"configuration ok: hostname={cfg.hostname} database={cfg.storage.path}")
+    if report.certificate_expires is not None:
+        days = (report.certificate_expires - datetime.datetime.now(datetime.UTC)).days
+        print(
+            f"certificate {cfg.submission.cert_file} expires"
+            f" {report.certificate_expires:%Y-%m-%d %H:%M} UTC (in {days} days)"
+        )
     return 0

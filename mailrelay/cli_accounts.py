@@ -9,7 +9,7 @@ import sqlite3
 import sys
 import time
 
-from mailrelay import onboarding
+from mailrelay import dkim, onboarding
 from mailrelay.cli_output import UserError, open_db, print_json, when
 from mailrelay.config import Config
 from mailrelay.store import accounts, senders
@@ -23,6 +23,9 @@ from mailrelay.submission.handler import split_address
 def _read_password(from_stdin: bool) -> str:
     if from_stdin:
         password = sys.stdin.readline().rstrip("\r\n")
+    elif not sys.stdin.isatty():
+        # getpass would fall back to reading stdin with a warning, or fail at its end.
+        raise UserError("no terminal to ask for the password on; pipe it in with --password-stdin")
     else:
         password = getpass.getpass("Password: ")
         if getpass.getpass("Again: ") != password:
@@ -140,6 +143,12 @@ def user_delete(cfg: Config, args: argparse.Namespace) -> int:
 # ---- domains ---------------------------------------------------------------------------------
 
 
+_ROLE_NOTES = {
+    "next": "next DKIM key, not signing yet: publish it, then run: mailrelay domain activate-dkim",
+    "rotated_out": "rotated-out DKIM key: keep it until: mailrelay domain retire-dkim",
+}
+
+
 def _print_records(report: onboarding.DomainReport, as_json: bool) -> None:
     if as_json:
         print_json(report.to_json())
@@ -150,7 +159,17 @@ def _print_records(report: onboarding.DomainReport, as_json: bool) -> None:
     )
     print("Publish these DNS records:")
     for r in report.records:
-        print(f'  {r.name}. IN {r.type} "{r.value}"')
+        role = report.role(r)
+        if role in _ROLE_NOTES:
+            print(f"  ; {_ROLE_NOTES[role]} {report.domain.name}")
+        print(f"  {r.zone_line(ttl=None)}")
+
+
+def _key_owner(cfg: Config) -> dkim.Owner | None:
+    try:
+        return onboarding.key_owner(cfg)
+    except onboarding.WrongUser as exc:
+        raise UserError(str(exc)) from exc
 
 
 def domain_add(cfg: Config, args: argparse.Namespace) -> int:
@@ -159,8 +178,9 @@ def domain_add(cfg: Config, args: argparse.Namespace) -> int:
         raise UserError(f"{args.domain!r} is not a domain name")
     if split_address(args.notify) is None:
         raise UserError(f"--notify: {args.notify!r} is not an e-mail address")
+    owner = _key_owner(cfg)  # before open_db, which would create the database as root
     try:
-        report = onboarding.add(open_db(cfg), cfg, domain, args.notify)
+        report = onboarding.add(open_db(cfg), cfg, domain, args.notify, owner)
     except OSError as exc:
         raise UserError(f"cannot write the DKIM key under {cfg.dkim.key_dir}: {exc}") from exc
     _print_records(report, args.json)
@@ -186,12 +206,39 @@ def domain_check(cfg: Config, args: argparse.Namespace) -> int:
             print(f"        found:    {' | '.join(r.found) if r.found else '(nothing)'}")
             if r.reason:
                 print(f"        why:      {r.reason}")
+        for r in report.next_dkim:
+            mark = "published, matches" if r.valid else f"not ready: {r.reason}"
+            print(f"next DKIM key {r.record.name}: {mark}")
+        if report.next_dkim and all(r.valid for r in report.next_dkim):
+            print(f"Switch signing to it with: mailrelay domain activate-dkim {report.domain}")
         print(f"domain {report.domain}: {'valid' if report.valid else 'not valid'}")
     return 0 if report.valid else 1
 
 
 def domain_rotate(cfg: Config, args: argparse.Namespace) -> int:
-    report = onboarding.rotate(open_db(cfg), cfg, args.domain)
+    owner = _key_owner(cfg)
+    try:
+        report = onboarding.rotate(open_db(cfg), cfg, args.domain, owner)
+    except onboarding.RotationError as exc:
+        raise UserError(str(exc)) from exc
+    except OSError as exc:
+        raise UserError(f"cannot write the DKIM key under {cfg.dkim.key_dir}: {exc}") from exc
+    _print_records(report, args.json)
+    if not args.json:
+        print(
+            "Signing is unchanged. Publish the next key's record, then run:"
+            f" mailrelay domain activate-dkim {report.domain.name}"
+        )
+    return 0
+
+
+def domain_activate(cfg: Config, args: argparse.Namespace) -> int:
+    try:
+        report = asyncio.run(onboarding.activate(open_db(cfg), cfg, args.domain, force=args.force))
+    except onboarding.RotationError as exc:
+        raise UserError(str(exc)) from exc
+    if not args.json:
+        print(f"DKIM signing of {report.domain.name} now uses {', '.join(report.dkim['signing'])}")
     _print_records(report, args.json)
     return 0
 

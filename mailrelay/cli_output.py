@@ -7,7 +7,7 @@ import sqlite3
 import time
 
 from mailrelay.config import Config
-from mailrelay.store import connect
+from mailrelay.store import connect, open_readonly
 
 
 class UserError(Exception):
@@ -18,6 +18,21 @@ def open_db(cfg: Config) -> sqlite3.Connection:
     try:
         return connect(cfg.storage.path)
     except (OSError, sqlite3.Error) as exc:
+        raise UserError(f"cannot open database {cfg.storage.path}: {exc}") from exc
+
+
+def open_existing_db(cfg: Config) -> sqlite3.Connection:
+    """The database for a command that only reads it; never creates one."""
+    try:
+        return open_readonly(cfg.storage.path)
+    except FileNotFoundError:
+        raise UserError(
+            f"no database at {cfg.storage.path}"
+            " (has `mailrelay serve` or `domain add` run with this config?)"
+        ) from None
+    except OSError as exc:
+        raise UserError(f"cannot open database {cfg.storage.path}: {exc.strerror}") from exc
+    except sqlite3.Error as exc:
         raise UserError(f"cannot open database {cfg.storage.path}: {exc}") from exc
 
 

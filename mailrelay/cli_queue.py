@@ -9,7 +9,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from mailrelay.cli_output import UserError, open_db, print_json, safe, when
+from mailrelay.cli_output import UserError, open_db, open_existing_db, print_json, safe, when
 from mailrelay.config import Config
 from mailrelay.store import connect, events, queue
 from mailrelay.store.queue import transaction
@@ -20,7 +20,11 @@ from mailrelay.store.queue import transaction
 def queue_list(cfg: Config, args: argparse.Namespace) -> int:
     if args.limit < 1:
         raise UserError(f"--limit must be at least 1, got {args.limit}")
-    rows = queue.list_queue(open_db(cfg), limit=args.limit + 1, after=args.cursor)
+    # The JSON keeps to address and state per recipient (scripts read it); `queue show --json`
+    # has everything.
+    rows = queue.list_queue(
+        open_existing_db(cfg), limit=args.limit + 1, after=args.cursor, detail=not args.json
+    )
     more = len(rows) > args.limit
     rows = rows[: args.limit]
     if more:
@@ -33,14 +37,29 @@ def queue_list(cfg: Config, args: argparse.Namespace) -> int:
         sender = m["sender"] or "<>"
         print(f"{m['id']}  {m['size']:>9}  {when(float(str(m['created_at'])))}  {sender}")
         for r in m["recipients"]:  # type: ignore[attr-defined]
-            print(f"    {r['state']:<9} {r['address']}")
+            print(f"    {r['state']:<9} {safe(r['address'])}{_pending(r)}")
     if not rows:
         print("queue is empty")
     return 0
 
 
+def _pending(r: dict[str, Any]) -> str:
+    """When a recipient goes next, and why the last attempt did not finish it."""
+    if r["state"] in ("queued", "deferred"):
+        text = f", next {when(r['next_attempt_at'])}"
+    elif r["state"] == "active":
+        text = ", being delivered"
+    else:
+        text = ""
+    if r["attempts"]:
+        text += f", attempts {r['attempts']}"
+    if r["reply"] and r["state"] != "sent":
+        text += f" ({safe(r['reply'])})"
+    return text
+
+
 def queue_show(cfg: Config, args: argparse.Namespace) -> int:
-    msg = events.story(open_db(cfg), args.id)
+    msg = events.story(open_existing_db(cfg), args.id)
     if msg is None:
         raise UserError(f"no message or refusal with id {args.id}")
     if args.json:
@@ -60,7 +79,23 @@ def queue_show(cfg: Config, args: argparse.Namespace) -> int:
             print(f"  {safe(r['address'])}:")
         for e in r["events"]:
             print(f"    {when(e['at'])} {e['event']}{_event_detail(e)}")
+        for a in r.get("delivery_attempts", []):
+            print(f"    attempt {when(a['at'])} {_attempt_detail(a)}")
     return 0
+
+
+def _attempt_detail(a: dict[str, Any]) -> str:
+    """One MX connection of an attempt, with the evidence `--json` has: the certificate the MX
+    showed and the policy that accepted or refused it."""
+    tls = "/".join(a[k] for k in ("tls_protocol", "tls_cipher") if a[k]) or "none"
+    text = f"{a['mx_host']}[{a['mx_address']}] {a['verdict']}, tls={tls}"
+    if a["cert_fingerprint"]:
+        trust = {True: "verified", False: "unverified", None: "?"}[a["cert_verified"]]
+        text += f", cert=sha256:{a['cert_fingerprint']} ({trust})"
+    if a["policy"]:
+        how = f" [{safe(a['policy_detail'])}]" if a["policy_detail"] else ""
+        text += f", policy={a['policy']}{how}"
+    return text + (f" ({safe(a['reply'])})" if a["reply"] else "")
 
 
 def _event_detail(e: dict[str, Any]) -> str:
@@ -101,7 +136,7 @@ def log(cfg: Config, args: argparse.Namespace) -> int:
     try:
         since = None if args.since is None else events.parse_since(args.since)
         page = events.query(
-            open_db(cfg),
+            open_existing_db(cfg),
             domain=args.domain,
             since=since,
             status=args.status,

@@ -25,6 +25,10 @@ LogFormat = Literal["kv", "json"]
 DkimAlgorithm = Literal["rsa", "rsa+ed25519"]
 
 
+# Where the systemd unit and the CLI look when neither --config nor MAILRELAY_CONFIG says.
+DEFAULT_PATH = "/etc/mailrelay/mailrelay.toml"
+
+
 class ConfigError(Exception):
     """The configuration cannot be used; the message names the key and the bad value."""
 
@@ -174,6 +178,8 @@ class LogConfig:
 @dataclass(frozen=True)
 class Config:
     hostname: str = field(default_factory=socket.getfqdn)
+    # Development only: accept a hostname such as "localhost" that receivers would refuse in EHLO.
+    allow_local_hostname: bool = False
     submission: SubmissionConfig = SubmissionConfig()
     storage: StorageConfig = StorageConfig()
     delivery: DeliveryConfig = field(default_factory=DeliveryConfig)
@@ -188,10 +194,8 @@ class Config:
         return self.records.spf_mechanisms or (f"a:{self.hostname}",)
 
 
-def load(path: str | Path | None) -> Config:
-    """Read the file at `path` (None: embedded defaults only) and validate it."""
-    if path is None:
-        return parse({}, base_dir=Path.cwd())
+def load(path: str | Path) -> Config:
+    """Read the file at `path` and validate it."""
     path = Path(path)
     try:
         text = path.read_text(encoding="utf-8")
@@ -211,8 +215,9 @@ def parse(raw: dict[str, Any], *, base_dir: Path) -> Config:
     """Build a Config from a parsed TOML table; relative paths are relative to `base_dir`."""
     top = _Table(raw, "")
     hostname = top.string("hostname", socket.getfqdn())
-    if not _HOSTNAME.fullmatch(hostname):
+    if not _is_hostname(hostname):
         raise ConfigError(f"hostname: {hostname!r} is not a host name")
+    allow_local_hostname = top.boolean("allow_local_hostname", False)
 
     sub_t = top.table("submission")
     defaults = SubmissionConfig()
@@ -336,6 +341,7 @@ def parse(raw: dict[str, Any], *, base_dir: Path) -> Config:
     top.done()
     return Config(
         hostname=hostname,
+        allow_local_hostname=allow_local_hostname,
         submission=submission,
         storage=storage,
         delivery=delivery,
@@ -439,16 +445,30 @@ class _Table:
             raise ConfigError(f"{self.key(unknown[0])}: unknown key")
 
 
+def _is_hostname(name: str) -> bool:
+    # A last label of digits only is no host name (RFC 3696 §2): "256.0.0.1" is a bad address.
+    last = name.rstrip(".").rpartition(".")[2]
+    return bool(_HOSTNAME.fullmatch(name)) and not last.isdigit()
+
+
 def _listen(key: str, value: str) -> ListenAddress:
     host, sep, port_text = value.rpartition(":")
-    host = host.strip("[]")
-    if not sep or not port_text.isdigit() or not 0 <= int(port_text) <= 65535:
+    if not sep or not port_text.isdigit():
         raise ConfigError(f"{key}: {value!r} is not an address:port")
+    if not 1 <= int(port_text) <= 65535:
+        raise ConfigError(f"{key}: {value!r} has a bad port (from 1 to 65535)")
+    bracketed = host.startswith("[") and host.endswith("]")
+    host = host[1:-1] if bracketed else host
     try:
-        ipaddress.ip_address(host)
+        ip = ipaddress.ip_address(host)
     except ValueError:
-        if not host or not _HOSTNAME.fullmatch(host):
-            raise ConfigError(f"{key}: {value!r} has no valid host") from None
+        if bracketed or not host or not _is_hostname(host):
+            raise ConfigError(
+                f"{key}: {value!r} has no valid host (an IP address or a host name)"
+            ) from None
+    else:
+        if ip.version == 6 and not bracketed:
+            raise ConfigError(f"{key}: {value!r}: write an IPv6 address as [{host}]:{port_text}")
     return ListenAddress(host, int(port_text))
 
 

@@ -1,6 +1,7 @@
 """DKIM keys and signing: keys on disk, RFC 6376 / RFC 8463 signatures, Authentication-Results.
 
-Keys live at `<key_dir>/<domain>/<selector>.pem`, mode 0600 in directories of mode 0700. RSA keys
+Keys live at `<key_dir>/<domain>/<selector>.pem`, mode 0600 in directories of mode 0700, owned
+by the service user (`owner`, when root makes them for it). RSA keys
 are PKCS#1 PEM (what dkimpy documents); Ed25519 keys are PKCS#8 PEM, because dkimpy wants the raw
 base64 seed instead and that is not a format any other tool reads: `load_private_key` converts.
 `sign` uses dkimpy's canonicalisation and OpenSSL's signatures (see dkim_signature.py). It is
@@ -32,6 +33,8 @@ from mailrelay import dkim_signature
 from mailrelay.config import DkimAlgorithm
 
 SignatureAlgorithm = Literal["rsa-sha256", "ed25519-sha256"]
+# (uid, gid) to give new key files and directories, when root makes them for the service user.
+Owner = tuple[int, int]
 
 
 @dataclass(frozen=True)
@@ -68,12 +71,14 @@ def generate_keys(
     algorithm: DkimAlgorithm = "rsa",
     rsa_bits: int = 2048,
     now: datetime | None = None,
+    owner: Owner | None = None,
 ) -> list[DkimKey]:
     """Make and store a new key set for `domain`: RSA, plus Ed25519 for "rsa+ed25519".
 
     Selectors are "mrYYYYMMDD" (RSA) and "mrYYYYMMDDe" (Ed25519) from `now` (pass UTC); a second
     rotation on the same day gets "mrYYYYMMDD-2" / "mrYYYYMMDD-2e", and so on, so a selector never
-    names two different keys. The RSA key comes first in the result.
+    names two different keys. The RSA key comes first in the result. `owner` (uid, gid) is given
+    the key directories and files; None leaves them to the caller.
     """
     domain = _domain(domain)
     if rsa_bits < 1024:
@@ -81,8 +86,8 @@ def generate_keys(
         raise ValueError(f"rsa_bits: {rsa_bits} is below the 1024 bits verifiers accept")
     day = (now or datetime.now(UTC)).strftime("%Y%m%d")
     directory = Path(key_dir) / domain
-    _make_private_dir(Path(key_dir))
-    _make_private_dir(directory)
+    _make_private_dir(Path(key_dir), owner)
+    _make_private_dir(directory, owner)
 
     # Generate before claiming a selector, so a failure here leaves nothing behind.
     rsa_key = rsa.generate_private_key(public_exponent=65537, key_size=rsa_bits)
@@ -103,7 +108,7 @@ def generate_keys(
         if (directory / f"{stem}e.pem").exists():
             continue
         rsa_path = directory / f"{stem}.pem"
-        if not _write_new_private(rsa_path, rsa_pem):
+        if not _write_new_private(rsa_path, rsa_pem, owner):
             continue
         keys = [DkimKey(stem, "rsa-sha256", str(rsa_path), rsa_record)]
         if ed_key is not None:
@@ -113,7 +118,7 @@ def generate_keys(
                 serialization.PrivateFormat.PKCS8,
                 serialization.NoEncryption(),
             )
-            if not _write_new_private(ed_path, ed_pem):
+            if not _write_new_private(ed_path, ed_pem, owner):
                 # Another rotation raced us to the Ed25519 name: give the stem back and move on.
                 rsa_path.unlink()
                 continue
@@ -236,13 +241,15 @@ def _domain(domain: str) -> str:
     return name
 
 
-def _make_private_dir(path: Path) -> None:
+def _make_private_dir(path: Path, owner: Owner | None) -> None:
     # mkdir's mode is masked by the umask, and an existing directory keeps its mode: set it.
     path.mkdir(mode=0o700, parents=True, exist_ok=True)
+    if owner is not None:
+        os.chown(path, *owner)
     os.chmod(path, 0o700)
 
 
-def _write_new_private(path: Path, data: bytes) -> bool:
+def _write_new_private(path: Path, data: bytes, owner: Owner | None) -> bool:
     """Create `path` holding `data`, mode 0600 from the start; False if the name is taken.
 
     Writes a temporary file and hard-links it into place: the link both fails when the name
@@ -252,6 +259,9 @@ def _write_new_private(path: Path, data: bytes) -> bool:
     fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o600)
     try:
         with os.fdopen(fd, "wb") as f:
+            if owner is not None:
+                # Before the link, so that the key never appears under its name with root's owner.
+                os.fchown(f.fileno(), *owner)
             f.write(data)
             f.flush()
             os.fsync(f.fileno())

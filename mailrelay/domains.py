@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import ipaddress
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Literal
 
 import dns.asyncresolver
@@ -38,14 +38,30 @@ class Record:
     value: str
     purpose: Purpose
 
-    def zone_line(self, ttl: int = 3600) -> str:
-        """The record as a zone-file line, the value split into 255-byte strings as TXT needs."""
-        # Our values are ASCII, so 255 characters are 255 bytes.
-        chunks = [
-            self.value[i : i + _TXT_STRING_MAX] for i in range(0, len(self.value), _TXT_STRING_MAX)
-        ]
-        quoted = " ".join('"' + c.replace("\\", "\\\\").replace('"', '\\"') + '"' for c in chunks)
-        return f"{self.name}. {ttl} IN {self.type} {quoted}"
+    def zone_line(self, ttl: int | None = 3600) -> str:
+        """The record in zone-file syntax: `name. [ttl] IN TXT ( "..." "..." )`, the value split
+        into strings of at most 255 bytes as TXT needs (RFC 1035 §3.3.14); ttl None omits it."""
+        strings = txt_strings(self.value)
+        quoted = " ".join('"' + c.replace("\\", "\\\\").replace('"', '\\"') + '"' for c in strings)
+        # Parentheses let the strings continue on other lines when the operator re-wraps them.
+        rdata = quoted if len(strings) == 1 else f"( {quoted} )"
+        ttl_part = "" if ttl is None else f" {ttl}"
+        return f"{self.name}.{ttl_part} IN {self.type} {rdata}"
+
+
+def txt_strings(value: str) -> list[str]:
+    """`value` as the character-strings of one TXT record, each at most 255 bytes.
+
+    A DKIM record keeps its tags before p= in a string of their own, so that the key is easy to
+    tell apart and compare in a DNS provider's form. Our values are ASCII: characters are bytes.
+    """
+    head, sep, key = value.partition("p=")
+    if len(value) <= _TXT_STRING_MAX:
+        return [value]
+    strings = [head] if sep and head and len(head) <= _TXT_STRING_MAX else []
+    rest = sep + key if strings else value
+    strings += [rest[i : i + _TXT_STRING_MAX] for i in range(0, len(rest), _TXT_STRING_MAX)]
+    return strings
 
 
 @dataclass(frozen=True)
@@ -57,11 +73,23 @@ class RecordCheck:
     # The lookup itself failed (SERVFAIL, timeout): this says nothing about what is published.
     lookup_failed: bool = False
 
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "type": self.record.type,
+            "name": self.record.name,
+            "expected": self.record.value,
+            "found": list(self.found),
+            "valid": self.valid,
+            "reason": self.reason,
+        }
+
 
 @dataclass(frozen=True)
 class CheckReport:
     domain: str
     records: list[RecordCheck]
+    # The next DKIM key's records (`rotate-dkim`): reported, but not needed for `valid` yet.
+    next_dkim: list[RecordCheck] = field(default_factory=list)
 
     @property
     def valid(self) -> bool:
@@ -76,17 +104,9 @@ class CheckReport:
         return {
             "domain": self.domain,
             "valid": self.valid,
-            "records": [
-                {
-                    "type": r.record.type,
-                    "name": r.record.name,
-                    "expected": r.record.value,
-                    "found": list(r.found),
-                    "valid": r.valid,
-                    "reason": r.reason,
-                }
-                for r in self.records
-            ],
+            "records": [r.to_json() for r in self.records],
+            # Only while `rotate-dkim` has made a key that does not sign yet.
+            **({"next_dkim": [r.to_json() for r in self.next_dkim]} if self.next_dkim else {}),
         }
 
 
@@ -126,8 +146,12 @@ async def check(
     # Not asyncio.timeout around the call: a lookup that times out is one record's result,
     # reported next to the others, so the budget goes to the resolver of each lookup.
     timeout: float,  # noqa: ASYNC109
+    next_dkim: tuple[Record, ...] = (),
 ) -> CheckReport:
     """Look up every expected record's name (concurrently) and judge what is published.
+
+    `next_dkim` are records of keys that do not sign yet: judged alike, reported apart, and not
+    part of `valid`.
 
     `nameservers` are "ip" or "ip:port"; empty means the system's resolver configuration.
     `found` lists the TXT strings at the name (each record's strings joined); for SPF and DMARC
@@ -135,22 +159,24 @@ async def check(
     (site verifications and the like) legitimately share the name.
     """
     resolver = make_resolver(nameservers, timeout)
-    names = sorted({r.name for r in expected})
+    names = sorted({r.name for r in [*expected, *next_dkim]})
     answers = await asyncio.gather(*(_lookup(resolver, name) for name in names))
     by_name = dict(zip(names, answers, strict=True))
-    results: list[RecordCheck] = []
-    for record in expected:
-        texts, failure = by_name[record.name]
-        if failure is not None:
-            reason = f"DNS lookup failed: {failure}"
-            results.append(RecordCheck(record, [], False, reason, lookup_failed=True))
-        elif record.purpose == "dkim":
-            results.append(_judge_dkim(record, texts))
-        elif record.purpose == "spf":
-            results.append(_judge_spf(record, [t for t in texts if _is_version(t, "v=spf1")]))
-        else:
-            results.append(_judge_dmarc(record, [t for t in texts if _is_version(t, "v=DMARC1")]))
-    return CheckReport(_normalize(domain), results)
+    return CheckReport(
+        _normalize(domain),
+        [_judge(r, *by_name[r.name]) for r in expected],
+        [_judge(r, *by_name[r.name]) for r in next_dkim],
+    )
+
+
+def _judge(record: Record, texts: list[str], failure: str | None) -> RecordCheck:
+    if failure is not None:
+        return RecordCheck(record, [], False, f"DNS lookup failed: {failure}", lookup_failed=True)
+    if record.purpose == "dkim":
+        return _judge_dkim(record, texts)
+    if record.purpose == "spf":
+        return _judge_spf(record, [t for t in texts if _is_version(t, "v=spf1")])
+    return _judge_dmarc(record, [t for t in texts if _is_version(t, "v=DMARC1")])
 
 
 # -- judging -------------------------------------------------------------------------------------

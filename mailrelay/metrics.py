@@ -8,6 +8,7 @@ reasons, protocol and cipher names).
 from __future__ import annotations
 
 import asyncio
+import importlib.metadata
 import logging
 import threading
 from collections.abc import Callable, Iterable
@@ -18,6 +19,7 @@ from prometheus_client import (
     Counter,
     Gauge,
     Histogram,
+    disable_created_metrics,
     generate_latest,
     start_http_server,
 )
@@ -29,6 +31,57 @@ from prometheus_client.registry import Collector
 from mailrelay.config import ListenAddress
 
 log = logging.getLogger("mailrelay.metrics")
+
+# A counter's `_created` series doubles every series for a value no dashboard reads.
+# prometheus-client has no per-registry switch for it, only this process-wide one; the delivery
+# process imports this module too, so its snapshots (`delivery_text`) carry none either.
+disable_created_metrics()  # type: ignore[no-untyped-call]
+
+# The bounded label values known in advance, exported at 0 from the start so that `rate()` and
+# `increase()` see the first event (a series that appears at 1 looks to Prometheus like no
+# change). They mirror the code that counts them: replies.py, ConnectionCounts and the user
+# limits, delivery.result.Insecure, and the DANE and MTA-STS policy failures.
+REJECTED_CODES = ("452", "500", "501", "550", "552", "553", "554")
+LIMITS = (
+    "connections",
+    "connections_per_ip",
+    "unauthenticated_per_ip",
+    "pre_auth_timeout",
+    "messages_per_minute",
+    "recipients_per_hour",
+    "recipients_per_day",
+    "auth_backoff",
+)
+DELIVERY_STATUSES = ("sent", "deferred", "bounced")
+INSECURE_REASONS = (
+    "no_starttls",
+    "starttls_refused",
+    "certificate",
+    "handshake",
+    "protocol",
+    "cipher",
+    "dane",
+    "dane_required",
+    "mta_sts",
+)
+POLICY_FAILURES = (
+    ("dane", "certificate_mismatch"),
+    ("dane", "tlsa_lookup"),
+    ("dane", "dane_required"),
+    ("mta-sts", "certificate"),
+    ("mta-sts", "mx_mismatch"),
+    ("mta-sts", "sts-policy-fetch-error"),
+    ("mta-sts", "sts-policy-invalid"),
+    ("mta-sts", "sts-webpki-invalid"),
+)
+
+
+def _version() -> str:
+    try:
+        return importlib.metadata.version("mailrelay")
+    except importlib.metadata.PackageNotFoundError:
+        return "unknown"
+
 
 _DELAY_BUCKETS = (0.5, 1, 2, 5, 10, 30, 60, 300, 900, 3600, 4 * 3600, 24 * 3600, 5 * 86400)
 
@@ -109,8 +162,25 @@ class Metrics:
         self.delivery_workers = Gauge(
             "mailrelay_delivery_workers", "Size of the delivery worker pool.", registry=r
         )
-        for status in ("sent", "deferred", "bounced"):
+        self.tls_certificate_expiry = Gauge(
+            "mailrelay_tls_certificate_expiry_timestamp_seconds",
+            "notAfter of the submission certificate loaded now (at start, and by each SIGHUP).",
+            registry=r,
+        )
+        self.build_info = Gauge(
+            "mailrelay_build_info", "Always 1; the version running.", ["version"], registry=r
+        )
+        self.build_info.labels(version=_version()).set(1)
+        for code in REJECTED_CODES:
+            self.smtpd_messages_rejected.labels(code=code)
+        for limit in LIMITS:
+            self.smtpd_limit_refusals.labels(limit=limit)
+        for status in DELIVERY_STATUSES:
             self.smtp_messages_processed.labels(status=status)
+        for reason in INSECURE_REASONS:
+            self.smtp_insecure_refusals.labels(reason=reason)
+        for policy, reason in POLICY_FAILURES:
+            self.smtp_tls_policy_failures.labels(policy=policy, reason=reason)
         # What the delivery side counts; with delivery in its own process, the child keeps
         # these and the parent serves the child's latest snapshot in their place.
         self._delivery: tuple[Collector, ...] = (

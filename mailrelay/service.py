@@ -75,6 +75,7 @@ class Service:
             self.delivery = DeliveryProcess(config, self.metrics, self.queue_changed)
         else:
             self.delivery = InlineDelivery(config, self.store, self.metrics, self.queue_changed)
+        self.metrics.tls_certificate_expiry.set(self.submission.tls.not_after)
         self.metrics_server = MetricsServer(self.metrics, config.metrics.listen)
         self._snapshot_conn: sqlite3.Connection | None = None
         self._snapshot_lock = threading.Lock()
@@ -94,6 +95,12 @@ class Service:
             counts = queue.state_counts(self._snapshot_conn)
             oldest = queue.oldest_pending(self._snapshot_conn)
         return counts, None if oldest is None else max(0.0, time.time() - oldest)
+
+    def reload_tls(self) -> None:
+        """SIGHUP: the submission certificate and key again (certbot renewals)."""
+        not_after = self.submission.reload_tls()
+        if not_after is not None:
+            self.metrics.tls_certificate_expiry.set(not_after)
 
     def _store_failed(self, error: BaseException) -> None:
         self.failed.set()
@@ -167,12 +174,14 @@ class ServiceFailed(Exception):
 
 async def serve(config: Config, on_started: object = None) -> None:
     """Run until SIGTERM or SIGINT, then stop gracefully; raise ServiceFailed if the store
-    broke for good (systemd's Restart=on-failure then starts a fresh process)."""
+    broke for good (systemd's Restart=on-failure then starts a fresh process). SIGHUP reloads
+    the submission certificate and key."""
     service = Service(config)
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
+    loop.add_signal_handler(signal.SIGHUP, service.reload_tls)
     await service.start()
     if callable(on_started):
         on_started(service)

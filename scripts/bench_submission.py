@@ -62,7 +62,7 @@ def prepare(work: Path, port: int, unsigned: bool) -> list[str]:
     """A config, a domain and a user for the benchmark; returns the mailrelay command."""
     config = work / "bench.toml"
     config.write_text(
-        f'hostname = "localhost"\n[submission]\nlisten = ["127.0.0.1:{port}"]\n'
+        f'hostname = "relay.bench.test"\n[submission]\nlisten = ["127.0.0.1:{port}"]\n'
         'cert_file = "cert.pem"\nkey_file = "key.pem"\nself_signed_if_missing = true\n'
         'max_recipients = 10\n[storage]\npath = "queue.sqlite3"\n'
         '[dkim]\nkey_dir = "dkim"\n[metrics]\nlisten = ""\n[log]\nlevel = "warning"\n'

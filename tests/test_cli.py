@@ -88,14 +88,6 @@ def test_check_config_accepts_a_good_file(config: Path) -> None:
     )
 
 
-def test_an_empty_file_is_valid(tmp_path: Path) -> None:
-    path = tmp_path / "empty.toml"
-    path.write_text("")
-    done = cli(path, "check-config")
-    assert done.returncode == 0, done
-    assert done.stdout.startswith("configuration ok: hostname=")
-
-
 @pytest.mark.parametrize(
     ("text", "error"),
     [
@@ -236,7 +228,7 @@ def test_user_lifecycle(config: Path) -> None:
 
 
 def test_domain_add_and_list(config: Path) -> None:
-    assert ok_json(config, "domain", "list") == []
+    assert user_error(cli(config, "domain", "list")).startswith("no database at ")
     out = ok(config, "domain", "add", "Example.ORG.", "--notify", "postmaster@example.org")
     lines = out.splitlines()
     assert lines[:2] == [
@@ -309,6 +301,8 @@ def due_now(config: Path, queue_id: str) -> list[bool]:
 
 
 def test_queue_commands(config: Path) -> None:
+    assert user_error(cli(config, "queue", "list")).startswith("no database at ")
+    connect(database(config)).close()  # as `serve` or `domain add` would have made it
     assert ok(config, "queue", "list", "--json") == "[]\n"
     assert ok(config, "queue", "list") == "queue is empty\n"
     unknown = user_error(cli(config, "queue", "show", "0123456789ABCDEF"))
@@ -365,6 +359,8 @@ def test_domain_rotate_and_retire_dkim(tmp_path: Path) -> None:
     selectors = [r["name"].split(".")[0] for r in rotated["records"] if "_domainkey" in r["name"]]
     assert len(selectors) == 2 and selectors[0] == old
     new = selectors[1]
+    assert rotated["dkim"] == {"signing": [old], "next": [new], "rotated_out": []}
+    ok(config, "domain", "activate-dkim", "example.org", "--force")
     assert user_error(cli(config, "domain", "retire-dkim", "example.org", new)).startswith(
         f"DKIM key {new} "
     )

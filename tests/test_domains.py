@@ -106,10 +106,16 @@ def test_dmarc_rua(rua: str, value: str) -> None:
 def test_zone_line_splits_long_values(keys: list[DkimKey]) -> None:
     record = domains.expected_records(DOMAIN, keys, spf_mechanisms=(RELAY,), dmarc_rua="")[0]
     line = record.zone_line()
-    assert line.startswith(f'{RSA_NAME}. 3600 IN TXT "v=DKIM1; k=rsa; p=')
+    assert line.startswith(f'{RSA_NAME}. 3600 IN TXT ( "v=DKIM1; k=rsa; " "p=')
+    assert line.endswith('" )')
     strings = re.findall(r'"([^"]*)"', line)
-    assert len(strings) == 2 and len(strings[0]) == 255
+    # 2048 bits: the tags, then 394 characters of p= in two strings.
+    assert [len(s) for s in strings] == [16, 255, len(record.value) - 16 - 255]
     assert "".join(strings) == record.value
+    assert record.zone_line(ttl=None).startswith(f'{RSA_NAME}. IN TXT ( "v=DKIM1; k=rsa; " "p=')
+    spf = domains.Record("TXT", DOMAIN, "v=spf1 a:relay.test ~all", "spf")
+    assert spf.zone_line() == f'{DOMAIN}. 3600 IN TXT "v=spf1 a:relay.test ~all"'
+    assert domains.txt_strings("x" * 600) == ["x" * 255, "x" * 255, "x" * 90]
 
 
 # -- checking what is published --------------------------------------------------------------

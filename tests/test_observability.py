@@ -68,10 +68,10 @@ AGE = key("mailrelay_queue_oldest_age_seconds")
 
 
 def delta(before: dict[Sample, float], after: dict[Sample, float]) -> dict[Sample, float]:
-    """What moved, leaving out `_created` timestamps and the queue's age (a clock, not a count)."""
+    """What moved, leaving out the queue's age (a clock, not a count)."""
     moved = {}
     for k in before.keys() | after.keys():
-        if k[0].endswith("_created") or k == AGE:
+        if k == AGE:
             continue
         change = after.get(k, 0.0) - before.get(k, 0.0)
         if change:
@@ -259,13 +259,11 @@ def dashboard_metrics(dashboard: dict[str, Any]) -> set[str]:
 
 
 def exported_names(text: str) -> dict[str, set[str]]:
-    """Each metric family with the series names a query may use for it (the text format shows a
-    counter's `_created` timestamp as a family of its own: a clock, left out)."""
+    """Each metric family with the series names a query may use for it (no `_created`: it is
+    not exported)."""
     suffixes = {"counter": ["_total"], "histogram": ["_bucket", "_count", "_sum"], "gauge": [""]}
     return {
-        f.name: {f.name + s for s in suffixes[f.type]}
-        for f in text_string_to_metric_families(text)
-        if not f.name.endswith("_created")
+        f.name: {f.name + s for s in suffixes[f.type]} for f in text_string_to_metric_families(text)
     }
 
 

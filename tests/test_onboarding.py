@@ -257,7 +257,7 @@ async def test_operator_onboards_a_domain_and_its_mail_verifies(
     relay = await relay_factory(configmod.load(config))
 
     added = await ajson(config, "domain", "add", DOMAIN, "--notify", NOTIFY)
-    assert list(added) == ["domain", "state", "notify", "records"]
+    assert list(added) == ["domain", "state", "notify", "records", "dkim"]
     assert (added["domain"], added["state"], added["notify"]) == (DOMAIN, "unverified", NOTIFY)
     records = added["records"]
     assert [list(r) for r in records] == [["type", "name", "value"]] * 3
@@ -449,6 +449,8 @@ async def test_rotation_signs_with_the_new_key_and_lists_the_old(
     assert await ajson(config, "domain", "records", DOMAIN) == rotated
 
     publish(world, [new_record])
+    activated = await ajson(config, "domain", "activate-dkim", DOMAIN)
+    assert activated["records"] == rotated["records"]
     await run(submit, relay)
     second = (await dest(world).wait_for_messages(2))[1]
     assert independent_results(second.data, rotated["records"]) == [new]

@@ -3,6 +3,7 @@ and the key a default config makes."""
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import dataclasses
 import stat
@@ -28,10 +29,11 @@ def test_retire_key(tmp_path: Path) -> None:
         onboarding.retire_key(conn, DOMAIN, first.selector)
     assert str(refused.value) == (
         f"DKIM key {first.selector} of example.org signs new mail;"
-        " first run: mailrelay domain rotate-dkim example.org"
+        " first run: mailrelay domain rotate-dkim example.org, then activate-dkim"
     )
 
     onboarding.rotate(conn, cfg, DOMAIN)
+    asyncio.run(onboarding.activate(conn, cfg, DOMAIN, force=True))
     [second] = accounts.keys(conn, DOMAIN, active_only=True)
     with pytest.raises(accounts.KeyInUse):
         onboarding.retire_key(conn, DOMAIN, second.selector)

@@ -142,7 +142,9 @@ class DeliveryProcess:
 
 
 def _die_with_parent() -> None:
-    """Linux: SIGTERM this process when the parent dies, however it dies."""
+    """Linux: SIGTERM this process when the parent dies, however it dies. SIGHUP (the
+    service's certificate reload, maybe sent to the whole unit) is not for this process."""
+    signal.signal(signal.SIGHUP, signal.SIG_IGN)
     with contextlib.suppress(OSError, AttributeError):
         libc = ctypes.CDLL("libc.so.6", use_errno=True)
         pr_set_pdeathsig = 1

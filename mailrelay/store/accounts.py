@@ -88,6 +88,8 @@ class StoredKey:
     private_key_path: str
     public_record: str
     active: bool
+    # Made by `rotate-dkim`, not signing yet: `activate-dkim` switches to it.
+    pending: bool = False
 
 
 def add_domain(conn: sqlite3.Connection, name: str, notify: str, now: float) -> Domain:
@@ -134,9 +136,11 @@ def set_domain_state(conn: sqlite3.Connection, name: str, state: DomainState, no
 
 
 def add_key(conn: sqlite3.Connection, domain: str, key: StoredKey, now: float) -> None:
+    if key.active and key.pending:
+        raise ValueError(f"DKIM key {key.selector}: a pending key does not sign yet")
     conn.execute(
         "INSERT INTO dkim_keys (domain, selector, algorithm, private_key_path, public_record,"
-        " active, created_at) VALUES (?, ?, ?, ?, ?, ?, ?)",
+        " active, created_at, activated_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
         (
             domain.lower(),
             key.selector,
@@ -145,42 +149,56 @@ def add_key(conn: sqlite3.Connection, domain: str, key: StoredKey, now: float) -
             key.public_record,
             int(key.active),
             now,
+            None if key.pending else now,
         ),
     )
 
 
-def deactivate_keys(conn: sqlite3.Connection, domain: str) -> None:
-    conn.execute("UPDATE dkim_keys SET active = 0 WHERE domain = ?", (domain.lower(),))
+def activate_pending_keys(conn: sqlite3.Connection, domain: str, now: float) -> None:
+    """The pending keys sign from now on; the keys that signed until now stay listed."""
+    domain = domain.lower().rstrip(".")
+    conn.execute("UPDATE dkim_keys SET active = 0 WHERE domain = ? AND active = 1", (domain,))
+    conn.execute(
+        "UPDATE dkim_keys SET active = 1, activated_at = ?"
+        " WHERE domain = ? AND activated_at IS NULL",
+        (now, domain),
+    )
 
 
 def delete_key(conn: sqlite3.Connection, domain: str, selector: str) -> StoredKey:
     """Remove an inactive key's row and return it; an active key is refused (KeyInUse)."""
     domain = domain.lower().rstrip(".")
     row = conn.execute(
-        "SELECT selector, algorithm, private_key_path, public_record, active FROM dkim_keys"
-        " WHERE domain = ? AND selector = ?",
+        _SELECT_KEYS + " AND selector = ?",
         (domain, selector),
     ).fetchone()
     if row is None:
         raise NotFound(f"domain {domain} has no DKIM key {selector}")
-    key = StoredKey(row[0], row[1], row[2], row[3], bool(row[4]))
+    key = _key(row)
     if key.active:
         raise KeyInUse(
             f"DKIM key {selector} of {domain} signs new mail;"
-            f" first run: mailrelay domain rotate-dkim {domain}"
+            f" first run: mailrelay domain rotate-dkim {domain}, then activate-dkim"
         )
     conn.execute("DELETE FROM dkim_keys WHERE domain = ? AND selector = ?", (domain, selector))
     return key
 
 
 def keys(conn: sqlite3.Connection, domain: str, *, active_only: bool) -> list[StoredKey]:
-    sql = (
-        "SELECT selector, algorithm, private_key_path, public_record, active FROM dkim_keys"
-        " WHERE domain = ?"
-    )
+    """The domain's keys in the order they were made: rotated-out, signing, then pending."""
+    sql = _SELECT_KEYS
     if active_only:
         sql += " AND active = 1"
-    return [
-        StoredKey(r[0], r[1], r[2], r[3], bool(r[4]))
-        for r in conn.execute(sql + " ORDER BY id", (domain.lower(),))
-    ]
+    return [_key(r) for r in conn.execute(sql + " ORDER BY id", (domain.lower(),))]
+
+
+_SELECT_KEYS = (
+    "SELECT selector, algorithm, private_key_path, public_record, active, activated_at"
+    " FROM dkim_keys WHERE domain = ?"
+)
+
+
+def _key(row: sqlite3.Row | tuple[object, ...]) -> StoredKey:
+    return StoredKey(
+        str(row[0]), str(row[1]), str(row[2]), str(row[3]), bool(row[4]), row[5] is None
+    )

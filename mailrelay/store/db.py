@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import errno
 import os
 import sqlite3
+import stat
 from pathlib import Path
 
 # Each entry moves the schema one version forward; PRAGMA user_version records how far a file is.
@@ -145,6 +147,12 @@ MIGRATIONS: tuple[str, ...] = (
         PRIMARY KEY (user_address, period)
     );
     """,
+    # Two-step DKIM rotation: `rotate-dkim` adds the next key unsigned (activated_at NULL) until
+    # `activate-dkim` finds its record published. Every key made before this signed from its start.
+    """
+    ALTER TABLE dkim_keys ADD COLUMN activated_at REAL;
+    UPDATE dkim_keys SET activated_at = created_at;
+    """,
 )
 
 
@@ -187,9 +195,15 @@ def connect(path: str, *, busy_timeout: float = 30.0) -> sqlite3.Connection:
 
 
 def open_readonly(path: str) -> sqlite3.Connection:
-    """Open an existing database for queries only (listings, reports)."""
-    if not Path(path).exists():
-        raise FileNotFoundError(path)
+    """Open an existing database for queries only (listings, reports).
+
+    Raises FileNotFoundError, creating nothing, when there is no database at `path`: a listing
+    must not leave an empty database (or its directory) behind for a mistyped config.
+    """
+    # stat() raises FileNotFoundError for a missing file, and another OSError (say, a parent
+    # that is not a directory) for a path that could never hold one.
+    if not stat.S_ISREG(os.stat(path).st_mode):
+        raise IsADirectoryError(errno.EISDIR, "not a regular file", path)
     return connect(path)
 
 

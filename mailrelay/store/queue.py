@@ -123,10 +123,16 @@ def add_event(
 
 
 def list_queue(
-    conn: sqlite3.Connection, limit: int | None = None, after: str | None = None
+    conn: sqlite3.Connection,
+    limit: int | None = None,
+    after: str | None = None,
+    *,
+    detail: bool = False,
 ) -> list[dict[str, object]]:
     """Messages with at least one recipient not yet final, oldest first: up to `limit`, starting
-    after the message `after` (the last id of the previous page).
+    after the message `after` (the last id of the previous page). Each recipient has its address
+    and state; with `detail`, also its attempts so far, next attempt time, and the status and
+    reply (or diagnostic) of its last attempt: why a deferred recipient waits.
 
     Walks messages in (created_at, id) order and keeps those with a pending recipient, so a page
     costs the same with a million recipients queued as with ten.
@@ -144,12 +150,13 @@ def list_queue(
     if limit is not None:
         sql += " LIMIT ?"
         params.append(limit)
+    columns = "address, state" + (", attempts, next_attempt_at, status, reply" if detail else "")
     result: list[dict[str, object]] = []
     for row in conn.execute(sql, params).fetchall():
         recipients = [
-            {"address": r["address"], "state": r["state"]}
+            dict(r)
             for r in conn.execute(
-                "SELECT address, state FROM recipients WHERE message_id = ? ORDER BY id",
+                f"SELECT {columns} FROM recipients WHERE message_id = ? ORDER BY id",  # noqa: S608
                 (row["id"],),
             )
         ]

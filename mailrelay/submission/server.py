@@ -9,6 +9,7 @@ import contextlib
 import logging
 import sqlite3
 import ssl
+import time
 import warnings
 from collections import Counter
 from collections.abc import Callable
@@ -21,7 +22,7 @@ from mailrelay.store.writer import StoreClosed
 from mailrelay.submission import paths, replies
 from mailrelay.submission.auth import AuthBackoff, PasswordChecker
 from mailrelay.submission.handler import Stage, SubmissionHandler
-from mailrelay.submission.tls import server_context
+from mailrelay.submission.tls import CertificateError, ReloadableContext
 
 log = logging.getLogger("mailrelay.submission")
 
@@ -428,9 +429,8 @@ class SubmissionServer:
         self.backoff = AuthBackoff(
             config.limits.auth_backoff_max, on_delay=lambda _delay: on_limit("auth_backoff")
         )
-        self.tls_context: ssl.SSLContext = server_context(
-            config.submission.cert_file, config.submission.key_file
-        )
+        self.tls = ReloadableContext(config.submission.cert_file, config.submission.key_file)
+        self.tls_context: ssl.SSLContext = self.tls.context
         self.connections: set[SubmissionSMTP] = set()
         self.stopping = False
         self._drained = asyncio.Event()
@@ -463,6 +463,22 @@ class SubmissionServer:
         except OSError:
             await self.stop()
             raise
+
+    def reload_tls(self) -> float | None:
+        """Load the certificate and key again (SIGHUP, after a renewal): new handshakes get the
+        new pair, open sessions go on. A pair that cannot be loaded is logged and the old one
+        stays. Returns the loaded certificate's notAfter, or None if the reload failed."""
+        try:
+            not_after = self.tls.reload()
+        except CertificateError as exc:
+            log.error("event=tls_reload_failed error=%r (the previous certificate stays)", str(exc))
+            return None
+        log.info(
+            "event=tls_reloaded cert_file=%s not_after=%s",
+            self.tls.cert_file,
+            time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(not_after)),
+        )
+        return not_after
 
     @property
     def bound_ports(self) -> list[int]:

@@ -1,0 +1,151 @@
+"""What a loaded configuration needs from this machine before the service can start.
+
+`config.load` checks what the file says; these check what it points at: the certificate and its
+key, the storage and DKIM directories, the listen host names, and a hostname receivers accept.
+Each check returns problems as one-line strings naming the key; `check-config` prints them all,
+`serve` refuses to start on any. Nothing here exits or changes the file system.
+"""
+
+from __future__ import annotations
+
+import datetime
+import os
+import socket
+from dataclasses import dataclass
+from pathlib import Path
+
+from cryptography import x509
+from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric.types import (
+    CertificatePublicKeyTypes,
+    PublicKeyTypes,
+)
+
+from mailrelay.config import Config
+
+
+@dataclass(frozen=True)
+class Report:
+    problems: list[str]
+    # When the configured certificate expires; None if it was not read (missing, or to be made).
+    certificate_expires: datetime.datetime | None = None
+
+
+def run(cfg: Config, *, now: datetime.datetime | None = None) -> Report:
+    now = now or datetime.datetime.now(datetime.UTC)
+    problems = hostname(cfg) + listen_hosts(cfg)
+    cert_problems, expires = certificate(cfg, now)
+    problems += cert_problems + storage(cfg) + dkim_dir(cfg)
+    return Report(problems, expires)
+
+
+def hostname(cfg: Config) -> list[str]:
+    if cfg.allow_local_hostname:
+        return []
+    name = cfg.hostname.rstrip(".")
+    if "." in name and name.lower() != "localhost.localdomain":
+        return []
+    return [
+        f"hostname: {cfg.hostname!r} is not a fully qualified domain name; receivers refuse"
+        " EHLO from it: set hostname to this relay's DNS name"
+        " (allow_local_hostname = true allows it for development)"
+    ]
+
+
+def listen_hosts(cfg: Config) -> list[str]:
+    problems = []
+    addresses = [(f"submission.listen[{i}]", a) for i, a in enumerate(cfg.submission.listen)] + [
+        (f"submission.implicit_tls_listen[{i}]", a)
+        for i, a in enumerate(cfg.submission.implicit_tls_listen)
+    ]
+    if cfg.metrics.listen is not None:
+        addresses.append(("metrics.listen", cfg.metrics.listen))
+    for key, address in addresses:
+        try:
+            socket.getaddrinfo(address.host, address.port, type=socket.SOCK_STREAM)
+        except (OSError, UnicodeError) as exc:
+            reason = exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc)
+            problems.append(f"{key}: cannot resolve {address.host!r}: {reason}")
+    return problems
+
+
+def certificate(cfg: Config, now: datetime.datetime) -> tuple[list[str], datetime.datetime | None]:
+    sub = cfg.submission
+    cert_path, key_path = Path(sub.cert_file), Path(sub.key_file)
+    if sub.self_signed_if_missing and not cert_path.exists() and not key_path.exists():
+        return [], None  # `serve` makes a self-signed pair at its first start
+    problems = []
+    try:
+        chain = x509.load_pem_x509_certificates(cert_path.read_bytes())
+    except OSError as exc:
+        problems.append(f"submission.cert_file: cannot read {cert_path}: {exc.strerror}")
+        chain = []
+    except ValueError:
+        problems.append(f"submission.cert_file: {cert_path} holds no PEM certificate")
+        chain = []
+    try:
+        key = serialization.load_pem_private_key(key_path.read_bytes(), password=None)
+    except OSError as exc:
+        problems.append(f"submission.key_file: cannot read {key_path}: {exc.strerror}")
+        key = None
+    except (ValueError, TypeError):
+        problems.append(f"submission.key_file: {key_path} holds no unencrypted PEM private key")
+        key = None
+    if not chain:
+        return problems, None
+    leaf = chain[0]
+    expires = leaf.not_valid_after_utc
+    if expires <= now:
+        problems.append(f"submission.cert_file: {cert_path} expired on {_day(expires)}")
+    elif leaf.not_valid_before_utc > now:
+        problems.append(
+            f"submission.cert_file: {cert_path} is not valid before"
+            f" {_day(leaf.not_valid_before_utc)}"
+        )
+    if key is not None and _spki(key.public_key()) != _spki(leaf.public_key()):
+        problems.append(
+            f"submission.key_file: {key_path} is not the key of the certificate in {cert_path}"
+        )
+    return problems, expires
+
+
+def storage(cfg: Config) -> list[str]:
+    path = Path(cfg.storage.path)
+    if path.exists():
+        if not path.is_file():
+            return [f"storage.path: {path} is not a file"]
+        if not os.access(path, os.R_OK | os.W_OK):
+            return [f"storage.path: {path} is not readable and writable by this user"]
+        directory = path.parent
+    else:
+        # The first existing ancestor must let us create what is missing below it.
+        directory = path.parent
+        while not directory.exists() and directory != directory.parent:
+            directory = directory.parent
+    if not directory.is_dir():
+        return [f"storage.path: {directory} is not a directory"]
+    # SQLite writes its -wal and -shm files beside the database.
+    if not os.access(directory, os.W_OK | os.X_OK):
+        return [f"storage.path: directory {directory} is not writable by this user"]
+    return []
+
+
+def dkim_dir(cfg: Config) -> list[str]:
+    path = Path(cfg.dkim.key_dir)
+    if not path.exists():
+        return []  # made by the first `domain add`
+    if not path.is_dir():
+        return [f"dkim.key_dir: {path} is not a directory"]
+    if not os.access(path, os.R_OK | os.X_OK):
+        return [f"dkim.key_dir: {path} is not readable by this user"]
+    return []
+
+
+def _spki(public_key: PublicKeyTypes | CertificatePublicKeyTypes) -> bytes:
+    return public_key.public_bytes(
+        serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo
+    )
+
+
+def _day(when: datetime.datetime) -> str:
+    return when.strftime("%Y-%m-%d %H:%M UTC")
