@@ -11,6 +11,7 @@ from __future__ import annotations
 import datetime
 import os
 import socket
+import sqlite3
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -35,7 +36,7 @@ def run(cfg: Config, *, now: datetime.datetime | None = None) -> Report:
     now = now or datetime.datetime.now(datetime.UTC)
     problems = hostname(cfg) + listen_hosts(cfg)
     cert_problems, expires = certificate(cfg, now)
-    problems += cert_problems + storage(cfg) + dkim_dir(cfg)
+    problems += cert_problems + storage(cfg) + dkim_dir(cfg) + dkim_keys(cfg)
     return Report(problems, expires)
 
 
@@ -139,6 +140,32 @@ def dkim_dir(cfg: Config) -> list[str]:
     if not os.access(path, os.R_OK | os.X_OK):
         return [f"dkim.key_dir: {path} is not readable by this user"]
     return []
+
+
+def dkim_keys(cfg: Config) -> list[str]:
+    """Every signing key's file must be readable, or every message from its domain gets 451:
+    a key made by root for a service that runs as its own user is the usual cause."""
+    database = Path(cfg.storage.path)
+    if not database.is_file():
+        return []
+    try:
+        # Read-only and without migrating: a check must not change the database.
+        conn = sqlite3.connect(f"file:{database}?mode=ro", uri=True)
+        try:
+            rows = conn.execute(
+                "SELECT domain, selector, private_key_path FROM dkim_keys WHERE active = 1"
+                " ORDER BY domain, selector"
+            ).fetchall()
+        finally:
+            conn.close()
+    except sqlite3.Error:
+        return []  # no keys table yet, or unreadable: the storage check speaks for it
+    return [
+        f"dkim: {domain} selector {selector}: cannot read {path} (is it owned by the user"
+        " the service runs as?)"
+        for domain, selector, path in rows
+        if not os.access(path, os.R_OK)
+    ]
 
 
 def _spki(public_key: PublicKeyTypes | CertificatePublicKeyTypes) -> bytes:

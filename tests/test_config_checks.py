@@ -351,3 +351,20 @@ def test_the_development_config_passes() -> None:
     done = cli(REPO / "config" / "mailrelay.dev.toml", "check-config")
     assert (done.returncode, done.stderr) == (0, ""), done
     assert done.stdout.startswith("configuration ok: hostname=localhost ")
+
+
+def test_a_signing_key_the_service_cannot_read_is_named(tmp_path: Path) -> None:
+    config = config_with(tmp_path)
+    added = cli(config, "domain", "add", "example.org", "--notify", "postmaster@example.org")
+    assert added.returncode == 0, added.stderr
+    [key] = [p for p in (tmp_path / "dkim").rglob("*") if p.is_file()]
+    assert as_an_unprivileged_user(config, "check-config").returncode == 0
+    # As when root made the key and the service runs as its own user.
+    os.chown(key, 65534, 65534)
+    refused = problems(as_an_unprivileged_user(config, "check-config"))
+    assert len(refused) == 1
+    assert refused[0].startswith("dkim: example.org selector ")
+    assert refused[0].endswith(f"cannot read {key} (is it owned by the user the service runs as?)")
+    # serve says the same before it starts anything.
+    served = problems(as_an_unprivileged_user(config, "serve"))
+    assert served == refused
