@@ -32,7 +32,7 @@ from mailrelay.cli_accounts import (
     user_modify,
     user_passwd,
 )
-from mailrelay.cli_output import UserError, open_existing_db
+from mailrelay.cli_output import EXIT_CONFIG, ConfigProblem, UserError, open_existing_db
 from mailrelay.cli_queue import log, queue_delete, queue_list, queue_retry, queue_show, tls_check
 from mailrelay.config import Config, ConfigError
 from mailrelay.store import accounts, events
@@ -47,15 +47,17 @@ def main(argv: Sequence[str] | None = None) -> None:
         path = args.config or os.environ.get("MAILRELAY_CONFIG")
         if path is None and not os.path.exists(configmod.DEFAULT_PATH):
             # Not the embedded defaults: they would point a listing at an empty new database.
-            raise UserError(
+            raise ConfigProblem(
                 f"no configuration at {configmod.DEFAULT_PATH} (the default);"
                 " give --config PATH or set MAILRELAY_CONFIG"
             )
         cfg = configmod.load(path or configmod.DEFAULT_PATH)
         status = args.func(cfg, args)
+    except (ConfigError, ConfigProblem) as exc:
+        print(f"mailrelay: {exc}", file=sys.stderr)
+        sys.exit(EXIT_CONFIG)
     except (
         UserError,
-        ConfigError,
         accounts.NotFound,
         accounts.AlreadyExists,
         accounts.KeyInUse,
@@ -195,7 +197,7 @@ def _serve(cfg: Config, args: argparse.Namespace) -> int:
         # As check-config (which the systemd unit runs first): every problem, then refuse.
         for problem in problems[:-1]:
             print(f"mailrelay: {problem}", file=sys.stderr)
-        raise UserError(problems[-1])
+        raise ConfigProblem(problems[-1])
     logs.setup(cfg.log)
     try:
         uvloop.run(serve(cfg, on_started=_print_started))
@@ -237,7 +239,7 @@ def _check_config(cfg: Config, args: argparse.Namespace) -> int:
     for problem in report.problems:
         print(f"mailrelay: {problem}", file=sys.stderr)
     if report.problems:
-        return 1
+        return EXIT_CONFIG
     print(f"configuration ok: hostname={cfg.hostname} database={cfg.storage.path}")
     if report.certificate_expires is not None:
         days = (report.certificate_expires - datetime.datetime.now(datetime.UTC)).days

@@ -14,6 +14,14 @@ class UserError(Exception):
     """A mistake the operator can fix; printed as one line, exit status 1."""
 
 
+class ConfigProblem(UserError):
+    """The configuration, or what it points at, cannot work: exit status 78 (sysexits.h
+    EX_CONFIG), which the systemd unit does not restart on, since trying again cannot help."""
+
+
+EXIT_CONFIG = 78
+
+
 def open_db(cfg: Config) -> sqlite3.Connection:
     try:
         return connect(cfg.storage.path)

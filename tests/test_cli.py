@@ -57,13 +57,19 @@ def ok_json(config: Path, *args: str) -> Any:
     return json.loads(ok(config, *args, "--json"))
 
 
-def user_error(done: subprocess.CompletedProcess[str]) -> str:
+def user_error(done: subprocess.CompletedProcess[str], code: int = 1) -> str:
     """The one line a user error prints (without "mailrelay: " and the newline)."""
-    assert done.returncode == 1, done
+    assert done.returncode == code, done
     assert done.stdout == ""
     assert "Traceback" not in done.stderr
     assert done.stderr.startswith("mailrelay: ") and done.stderr.count("\n") == 1, done.stderr
     return done.stderr.removeprefix("mailrelay: ").removesuffix("\n")
+
+
+def config_error(done: subprocess.CompletedProcess[str]) -> str:
+    """The one line a configuration error prints; its exit status is 78 (EX_CONFIG), which
+    the systemd unit does not restart on."""
+    return user_error(done, code=78)
 
 
 def write_config(directory: Path) -> Path:
@@ -123,14 +129,14 @@ def test_check_config_accepts_a_good_file(config: Path) -> None:
 def test_check_config_names_the_key_and_the_value(tmp_path: Path, text: str, error: str) -> None:
     path = tmp_path / "bad.toml"
     path.write_text(text)
-    assert user_error(cli(path, "check-config")) == f"{path}: {error}"
+    assert config_error(cli(path, "check-config")) == f"{path}: {error}"
 
 
 def test_unreadable_config(tmp_path: Path) -> None:
     # The tests may run as root, for whom no file mode makes a file unreadable: a directory is.
-    assert user_error(cli(tmp_path, "check-config")) == f"{tmp_path}: cannot read: Is a directory"
+    assert config_error(cli(tmp_path, "check-config")) == f"{tmp_path}: cannot read: Is a directory"
     missing = tmp_path / "missing.toml"
-    assert user_error(cli(missing, "check-config")) == (
+    assert config_error(cli(missing, "check-config")) == (
         f"{missing}: cannot read: No such file or directory"
     )
 
@@ -138,7 +144,7 @@ def test_unreadable_config(tmp_path: Path) -> None:
 def test_invalid_toml(tmp_path: Path) -> None:
     path = tmp_path / "bad.toml"
     path.write_text('hostname = "relay.test\n')
-    message = user_error(cli(path, "check-config"))
+    message = config_error(cli(path, "check-config"))
     assert message.startswith(f"{path}: not valid TOML: ")
     assert "(at line 1, column " in message
 
@@ -153,7 +159,7 @@ def test_mailrelay_config_names_the_file(config: Path, tmp_path: Path) -> None:
     bad.write_text("[delivery]\nholdd = true\n")
     done = run("--config", str(config), "check-config", env={**env, "MAILRELAY_CONFIG": str(bad)})
     assert (done.returncode, done.stdout) == (0, expected)
-    assert user_error(run("check-config", env={**env, "MAILRELAY_CONFIG": str(bad)})) == (
+    assert config_error(run("check-config", env={**env, "MAILRELAY_CONFIG": str(bad)})) == (
         f"{bad}: delivery.holdd: unknown key"
     )
 

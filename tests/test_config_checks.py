@@ -21,7 +21,7 @@ from cryptography.x509.oid import NameOID
 from mailrelay.config import DEFAULT_PATH
 from mailrelay.submission.tls import ensure_self_signed
 from tests.conftest import write_config_file
-from tests.test_cli import cli, run, user_error
+from tests.test_cli import cli, config_error, run, user_error
 
 REPO = Path(__file__).resolve().parent.parent
 NO_CONFIG = (
@@ -35,8 +35,9 @@ NOT_FQDN = (
 
 
 def problems(done: subprocess.CompletedProcess[str]) -> list[str]:
-    """The lines a refused config prints, one per problem (without "mailrelay: ")."""
-    assert done.returncode == 1, done
+    """The lines a refused config prints, one per problem (without "mailrelay: "); the exit
+    status is 78 (EX_CONFIG), which the systemd unit does not restart on."""
+    assert done.returncode == 78, done
     assert done.stdout == ""
     assert "Traceback" not in done.stderr
     lines = done.stderr.splitlines()
@@ -100,7 +101,7 @@ def test_without_config_a_missing_default_is_an_error(tmp_path: Path, args: list
         env={**env, "PYTHONPATH": str(REPO)},
         cwd=tmp_path,
     )
-    assert user_error(done) == NO_CONFIG
+    assert config_error(done) == NO_CONFIG
     assert list(tmp_path.iterdir()) == []  # not the embedded defaults: nothing was made
 
 
@@ -303,10 +304,10 @@ BAD_PORT = "has a bad port (from 1 to 65535)"
 def test_listen_addresses_are_refused_at_load_time(tmp_path: Path, listen: str, error: str) -> None:
     path = tmp_path / "mailrelay.toml"
     path.write_text(f'hostname = "relay.test"\n[submission]\nlisten = ["{listen}"]\n')
-    assert user_error(cli(path, "check-config")) == f"{path}: submission.listen[0]: {error}"
+    assert config_error(cli(path, "check-config")) == f"{path}: submission.listen[0]: {error}"
     # The same rules hold for every listener, the metrics one included.
     path.write_text(f'hostname = "relay.test"\n[metrics]\nlisten = "{listen}"\n')
-    assert user_error(cli(path, "check-config")) == f"{path}: metrics.listen: {error}"
+    assert config_error(cli(path, "check-config")) == f"{path}: metrics.listen: {error}"
 
 
 def test_every_problem_is_one_line(tmp_path: Path) -> None:
@@ -335,7 +336,7 @@ def test_check_config_refuses_a_local_hostname(tmp_path: Path, name: str) -> Non
 def test_serve_refuses_a_local_hostname(tmp_path: Path) -> None:
     config = config_with(tmp_path, hostname="localhost")
     done = cli(config, "serve")
-    assert user_error(done) == NOT_FQDN.format(name="localhost")
+    assert config_error(done) == NOT_FQDN.format(name="localhost")
     assert not (tmp_path / "queue.sqlite3").exists()  # refused before anything started
 
 

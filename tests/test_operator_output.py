@@ -213,6 +213,8 @@ def test_systemd_unit_reloads_with_sighup_and_has_descriptors_for_the_connection
     assert unit["ExecReload"] == ["/bin/kill -HUP $MAINPID"]
     # Each session is a descriptor; the delivery side, the store and the listeners need more.
     assert int(unit["LimitNOFILE"][0]) >= 8 * LimitsConfig().max_connections
-    # A start that keeps failing (a bad config) stops instead of looping.
+    # A start that keeps failing stops instead of looping, and a configuration error (exit 78,
+    # as tests/test_cli.py::config_error asserts) is not restarted at all.
     assert unit["Restart"] == ["on-failure"]
     assert int(unit["StartLimitBurst"][0]) * 2 < int(unit["StartLimitIntervalSec"][0])
+    assert unit["RestartPreventExitStatus"] == ["78"]
