@@ -153,6 +153,10 @@ MIGRATIONS: tuple[str, ...] = (
     ALTER TABLE dkim_keys ADD COLUMN activated_at REAL;
     UPDATE dkim_keys SET activated_at = created_at;
     """,
+    # 6: REQUIRETLS (RFC 8689): the sender's demand travels with the message, across restarts.
+    """
+    ALTER TABLE messages ADD COLUMN requiretls INTEGER NOT NULL DEFAULT 0;
+    """,
 )
 
 
