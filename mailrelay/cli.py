@@ -210,27 +210,22 @@ def _serve(cfg: Config, args: argparse.Namespace) -> int:
 
 def _print_started(service: Any) -> None:
     cfg: Config = service.config
+    # Where it listens is logged (event=listening). The first-steps hint is for a person at a
+    # terminal trying it out: only while there is no domain yet, and never in JSON mode, where
+    # every line on stderr must be one JSON object.
+    if cfg.log.format == "json" or not cfg.submission.listen:
+        return
+    if service.store.read_blocking(accounts.list_domains):
+        return
+    first = cfg.submission.listen[0]
+    conf = f" --config {sys.argv[sys.argv.index('--config') + 1]}" if "--config" in sys.argv else ""
     lines = [
-        f"mailrelay is listening for submission on {', '.join(map(str, cfg.submission.listen))}"
+        "No sending domain yet. Add a domain and a user, then send a first message:",
+        f"  .venv/bin/mailrelay{conf} domain add example.org --notify postmaster@example.org",
+        f"  .venv/bin/mailrelay{conf} user add alice@example.org",
+        f"  swaks --server {first.host}:{first.port} -tls --auth-user alice@example.org \\",
+        "        --from alice@example.org --to bob@example.net",
     ]
-    if cfg.submission.implicit_tls_listen:
-        lines.append(f"  implicit TLS on {', '.join(map(str, cfg.submission.implicit_tls_listen))}")
-    if cfg.metrics.listen:
-        lines.append(f"  metrics on http://{cfg.metrics.listen}/metrics")
-    if cfg.submission.listen:
-        first = cfg.submission.listen[0]
-        conf = (
-            f" --config {sys.argv[sys.argv.index('--config') + 1]}"
-            if "--config" in sys.argv
-            else ""
-        )
-        lines += [
-            "Add a domain and a user, then send a first message:",
-            f"  .venv/bin/mailrelay{conf} domain add example.org --notify postmaster@example.org",
-            f"  .venv/bin/mailrelay{conf} user add alice@example.org",
-            f"  swaks --server {first.host}:{first.port} -tls --auth-user alice@example.org \\",
-            "        --from alice@example.org --to bob@example.net",
-        ]
     print("\n".join(lines), file=sys.stderr, flush=True)
 
 

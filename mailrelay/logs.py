@@ -1,7 +1,9 @@
 """Log lines to stderr for journald: `key=value` by default, one JSON object per line if asked.
 
 Code logs messages already shaped as `event=NAME key=value ...`; the formatters add time, level
-and source, and the JSON formatter turns the pairs into fields.
+and source, and the JSON formatter turns the pairs into fields. When stderr is journald's stream,
+each line starts with its syslog priority (`<3>` error ... `<7>` debug), which journald takes off
+and keeps as PRIORITY, so that `journalctl -p warning` works.
 """
 
 from __future__ import annotations
@@ -9,6 +11,7 @@ from __future__ import annotations
 import ast
 import json
 import logging
+import os
 import re
 import sys
 import time
@@ -63,9 +66,51 @@ class JsonFormatter(logging.Formatter):
         return json.dumps(fields)
 
 
+# syslog(3) priorities by logging level.
+_PRIORITY = {
+    logging.CRITICAL: 2,
+    logging.ERROR: 3,
+    logging.WARNING: 4,
+    logging.INFO: 6,
+    logging.DEBUG: 7,
+}
+
+
+class JournalPriority(logging.Formatter):
+    """Another formatter's line behind its `<N>` priority prefix (sd-daemon(3))."""
+
+    def __init__(self, inner: logging.Formatter) -> None:
+        super().__init__()
+        self.inner = inner
+
+    def format(self, record: logging.LogRecord) -> str:
+        priority = _PRIORITY.get(record.levelno, 6 if record.levelno < logging.WARNING else 3)
+        return f"<{priority}>{self.inner.format(record)}"
+
+
+def writes_to_journal(stream: object) -> bool:
+    """Whether `stream` is the one systemd connected to journald: JOURNAL_STREAM holds its
+    "device:inode" (systemd.exec(5)). Checked, not assumed, so that a shell started from the
+    service's environment, or output redirected to a file, gets no prefixes."""
+    expected = os.environ.get("JOURNAL_STREAM")
+    fileno = getattr(stream, "fileno", None)
+    if not expected or fileno is None:
+        return False
+    try:
+        st = os.fstat(fileno())
+    except (OSError, ValueError):
+        return False
+    return expected == f"{st.st_dev}:{st.st_ino}"
+
+
 def setup(config: LogConfig) -> None:
     handler = logging.StreamHandler(sys.stderr)
-    handler.setFormatter(JsonFormatter() if config.format == "json" else KeyValueFormatter())
+    formatter: logging.Formatter = (
+        JsonFormatter() if config.format == "json" else KeyValueFormatter()
+    )
+    if writes_to_journal(sys.stderr):
+        formatter = JournalPriority(formatter)
+    handler.setFormatter(formatter)
     root = logging.getLogger()
     root.handlers[:] = [handler]
     root.setLevel(config.level.upper())
@@ -78,5 +123,14 @@ def setup(config: LogConfig) -> None:
 
 def _drop_own_deprecation(record: logging.LogRecord) -> bool:
     # aiosmtpd 1.4.6 sets its own deprecated Session.login_data on every successful AUTH and
-    # warns about it; we never read it (see submission.handler.authenticated_user).
-    return not str(record.msg).startswith("Session.login_data is deprecated")
+    # warns about it; we never read it (see submission.handler.authenticated_user). On the
+    # implicit-TLS port it warns at every connection that AUTH does not require TLS: there the
+    # whole session is TLS before the first byte, so the warning is wrong, and repeated it would
+    # drown the journal.
+    return not str(record.msg).startswith(_AIOSMTPD_NOISE)
+
+
+_AIOSMTPD_NOISE = (
+    "Session.login_data is deprecated",
+    "auth_required == True but auth_require_tls == False",
+)

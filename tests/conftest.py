@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import smtplib
 import socket
 import ssl
@@ -22,6 +23,12 @@ from mailrelay.submission.auth import hash_password
 from mailrelay.submission.tls import ensure_self_signed
 
 PASSWORD = "correct horse battery staple"
+
+# The CLI, run as root, refuses to make files a service user named "mailrelay" could not read
+# (onboarding.key_owner). The tests run as root and own everything they make, whether or not this
+# machine has such a user (an install walk may have made one): they name one that does not exist.
+# A test of that refusal names its own user.
+os.environ["MAILRELAY_SERVICE_USER"] = "mailrelay-tests-no-such-user"
 
 
 def free_port(host: str = "127.0.0.1") -> int:

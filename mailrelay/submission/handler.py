@@ -127,22 +127,37 @@ class SubmissionHandler:
         self._writes: set[asyncio.Future[None]] = set()
 
     def refuse(
-        self, session: Any, envelope: Any, reply: str, stage: Stage, rcpts: list[str]
+        self,
+        session: Any,
+        envelope: Any,
+        reply: str,
+        stage: Stage,
+        rcpts: list[str],
+        address: str | None = None,
     ) -> str:
         """Count, log and record a policy refusal; return `reply` for the hook to send.
 
-        Each refused recipient gets a REFUSED event under the transaction's queue id (see
-        `handle_MAIL`). A refused MAIL FROM has no recipients yet, so it leaves no event: the
-        events table is the recipients' story; the refusal is in the log and the metrics.
-        Public so that the protocol layer can report refusals aiosmtpd makes before any hook.
+        Logged once, at info, with the client's address and the address refused (`address`,
+        else the recipient refused, else the envelope sender): what an operator greps for when
+        a user says "my mail was refused". Each refused recipient gets a REFUSED event under the
+        transaction's queue id (see `handle_MAIL`). A refused MAIL FROM has no recipients yet,
+        so it leaves no event: the events table is the recipients' story; the refusal is in the
+        log and the metrics. Public so that the protocol layer can report refusals aiosmtpd
+        makes before any hook.
         """
         if self.on_rejected is not None:
             self.on_rejected(reply[:3])
         login = authenticated_user(session)
         queue_id: str | None = getattr(envelope, "queue_id", None)
+        if address is None:
+            sender = getattr(envelope, "mail_from", None)
+            address = rcpts[0] if stage == "rcpt" and rcpts else sender
+        peer = getattr(session, "peer", None)
         log.info(
-            "event=refused stage=%s queue_id=%s user=%s nrcpt=%d reply=%r",
+            "event=refused stage=%s client=%s address=%r queue_id=%s user=%s nrcpt=%d reply=%r",
             stage,
+            peer[0] if peer else "unknown",
+            address or "",
             queue_id or "none",
             login or "none",
             len(rcpts),
@@ -194,7 +209,7 @@ class SubmissionHandler:
         login = authenticated_user(session)
         parts = split_address(address)
         if parts is None:
-            return self.refuse(session, envelope, replies.BAD_ADDRESS, "mail", [])
+            return self.refuse(session, envelope, replies.BAD_ADDRESS, "mail", [], address)
         now = time.time()
         limited = self._limited
 
@@ -208,17 +223,17 @@ class SubmissionHandler:
         found = await self.store.read(facts)
         refusal = _sender_refusal(found.send_as, address, foreign=replies.SENDER_NOT_OWNED)
         if refusal is not None:
-            return self.refuse(session, envelope, refusal, "mail", [])
+            return self.refuse(session, envelope, refusal, "mail", [], address)
         domain = found.domain
         if domain is None or (domain.state != "valid" and not self.config.allow_unverified_domains):
             reply = replies.DOMAIN_NOT_VERIFIED.format(domain=parts[1])
-            return self.refuse(session, envelope, reply, "mail", [])
+            return self.refuse(session, envelope, reply, "mail", [], address)
         if found.used is not None:
             minute = found.used["minute"]
             too_many = self._too_many_messages(login, minute, minute.messages + 1, now)
             if too_many is not None:
                 self._count_limit("messages_per_minute")
-                return self.refuse(session, envelope, too_many, "mail", [])
+                return self.refuse(session, envelope, too_many, "mail", [], address)
         # What the user had queued when the transaction began: RCPT checks the quotas on it.
         envelope.usage = found.used
         envelope.mail_from = address

@@ -7,6 +7,7 @@ import base64
 import binascii
 import contextlib
 import logging
+import re
 import sqlite3
 import ssl
 import time
@@ -123,6 +124,7 @@ class SubmissionSMTP(SMTP):
         self.in_transaction = False
         self._client: str | None = None  # the peer's address, known at connection_made
         self._refused = False  # over a connection cap: answered 421, nothing else happens
+        self._path_arg: str | None = None  # the last MAIL or RCPT argument, for refusal logs
         self._counted = False
         self._authenticated = False
         self._pre_auth: asyncio.TimerHandle | None = None
@@ -155,7 +157,12 @@ class SubmissionSMTP(SMTP):
             stage = native
         # An unparsable address names no recipient; a refused DATA refuses all given so far.
         rcpts = list(envelope.rcpt_tos) if envelope is not None and stage == "data" else []
-        self._relay.handler.refuse(self.session, envelope, replies.enhance(status), stage, rcpts)
+        # The address the client gave, for the log: MAIL before AUTH names the stranger's sender.
+        written = _PATH.search(self._path_arg or "") if stage != "data" else None
+        address = written.group(1) if written else None
+        self._relay.handler.refuse(
+            self.session, envelope, replies.enhance(status), stage, rcpts, address
+        )
 
     async def smtp_EHLO(self, hostname: str) -> None:
         self._in_ehlo = True
@@ -224,7 +231,9 @@ class SubmissionSMTP(SMTP):
         self._auth_failures += 1
         self._relay.on_auth_failure()
         # The login name may be a mistyped password: log neither.
-        log.warning(
+        # A refusal like the others: info, once (a wrong password is the client's business; a
+        # flood of them shows in mailrelay_smtpd_sasl_authentication_failures_total).
+        log.info(
             "event=auth_failed client=%s failures=%d reason=%s",
             client,
             self._auth_failures,
@@ -259,12 +268,14 @@ class SubmissionSMTP(SMTP):
     # ---- transactions and shutdown ---------------------------------------------------------
 
     async def smtp_MAIL(self, arg: str | None) -> None:
+        self._path_arg = arg
         if self._ready_for_path() and await self._bad_path(arg, "mail"):
             return
         await super().smtp_MAIL(arg)
         self.in_transaction = self.envelope is not None and self.envelope.mail_from is not None
 
     async def smtp_RCPT(self, arg: str | None) -> None:
+        self._path_arg = arg
         has_sender = self.envelope is not None and self.envelope.mail_from is not None
         if self._ready_for_path() and has_sender and await self._bad_path(arg, "rcpt"):
             return
@@ -288,8 +299,9 @@ class SubmissionSMTP(SMTP):
             reply = replies.BAD_SENDER_SYNTAX if stage == "mail" else replies.BAD_RECIPIENT_SYNTAX
         # A refused recipient is recorded as written, as the handler's own refusals are.
         rcpts = [bad.written] if stage == "rcpt" else []
+        handler = self._relay.handler
         await self.push(
-            self._relay.handler.refuse(self.session, self.envelope, reply, stage, rcpts)
+            handler.refuse(self.session, self.envelope, reply, stage, rcpts, bad.written)
         )
         return True
 
@@ -395,11 +407,15 @@ class SubmissionSMTP(SMTP):
 
 
 # aiosmtpd's own refusals, by the stage they end ("address": MAIL or RCPT, decided at the time).
+_PATH = re.compile(r"<([^<>]*)>")
+
 _NATIVE_REFUSALS: dict[str, Stage | Literal["address"]] = {
     "552 Error: Too much mail data": "data",
     "500 Line too long (see RFC5321 4.5.3.1.6)": "data",
     "552 Error: message size exceeds fixed maximum message size": "mail",
     "553 5.1.3 Error: malformed address": "address",
+    # MAIL (or RCPT, DATA) before AUTH: the relay refused to relay for a stranger.
+    "530 5.7.0 Authentication required": "mail",
 }
 
 
