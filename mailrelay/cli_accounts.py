@@ -5,12 +5,22 @@ from __future__ import annotations
 import argparse
 import asyncio
 import getpass
+import os
 import sqlite3
 import sys
 import time
+from pathlib import Path
 
 from mailrelay import dkim, onboarding
-from mailrelay.cli_output import UserError, open_db, print_json, when
+from mailrelay.cli_output import (
+    NoDatabase,
+    UserError,
+    create_db,
+    open_existing_db,
+    print_json,
+    reason,
+    when,
+)
 from mailrelay.config import Config
 from mailrelay.store import accounts, senders
 from mailrelay.store.queue import transaction
@@ -38,9 +48,12 @@ def _read_password(from_stdin: bool) -> str:
 def user_add(cfg: Config, args: argparse.Namespace) -> int:
     if split_address(args.address) is None:
         raise UserError(f"{args.address!r} is not an e-mail address")
-    conn = open_db(cfg)
-    if accounts.get_domain(conn, args.address.rpartition("@")[2]) is None:
-        domain = args.address.rpartition("@")[2].lower()
+    domain = args.address.rpartition("@")[2].lower()
+    try:
+        conn: sqlite3.Connection | None = open_existing_db(cfg)
+    except NoDatabase:
+        conn = None  # no database, so no domain: `domain add` makes both
+    if conn is None or accounts.get_domain(conn, domain) is None:
         raise UserError(
             f"domain {domain} is not set up;"
             f" first run: mailrelay domain add {domain} --notify ADDRESS"
@@ -71,7 +84,7 @@ def user_modify(cfg: Config, args: argparse.Namespace) -> int:
         raise UserError(f"{both[0]} is given to both --may-send-as and --may-not-send-as")
     if address in revokes:
         raise UserError(f"{address} may always send as their own address")
-    conn = open_db(cfg)
+    conn = open_existing_db(cfg)
     now = time.time()
     with transaction(conn):
         for sender in revokes:
@@ -105,7 +118,7 @@ def _print_send_as(send_as: senders.SendAs) -> None:
 
 
 def user_list(cfg: Config, args: argparse.Namespace) -> int:
-    conn = open_db(cfg)
+    conn = open_existing_db(cfg)
     users = accounts.list_users(conn)
     send_as = senders.all_send_as(conn)
     for u in users:
@@ -122,7 +135,7 @@ def user_list(cfg: Config, args: argparse.Namespace) -> int:
 
 
 def user_passwd(cfg: Config, args: argparse.Namespace) -> int:
-    conn = open_db(cfg)
+    conn = open_existing_db(cfg)
     if accounts.password_hash(conn, args.address) is None:
         raise accounts.NotFound(f"no user {args.address.lower()}")
     hashed = hash_password(_read_password(args.password_stdin))
@@ -133,7 +146,7 @@ def user_passwd(cfg: Config, args: argparse.Namespace) -> int:
 
 
 def user_delete(cfg: Config, args: argparse.Namespace) -> int:
-    conn = open_db(cfg)
+    conn = open_existing_db(cfg)
     with transaction(conn):
         accounts.delete_user(conn, args.address)
     print(f"user {args.address.lower()} deleted")
@@ -166,6 +179,28 @@ def _print_records(report: onboarding.DomainReport, as_json: bool) -> None:
 
 
 def _key_owner(cfg: Config) -> dkim.Owner | None:
+    """Run as root, who the files made for the service (the database, DKIM keys and the
+    directories for them) must belong to, so that the service can read them.
+
+    The owner of the database, of the key directory, or of the directory the database goes in
+    (the unit's StateDirectory, which systemd makes for the service user at its first start, and
+    the README's install step before that), when that is not root. With none of them to follow,
+    `onboarding.key_owner` decides: root-owned files where there is no service user, else an
+    error naming the user to run as. Not root: None, the caller's own files.
+    """
+    if os.geteuid() != 0:
+        return None
+    database = Path(cfg.storage.path)
+    directory = database.parent
+    while not directory.exists() and directory != directory.parent:
+        directory = directory.parent
+    for path in (database, Path(cfg.dkim.key_dir), directory):
+        try:
+            st = path.stat()
+        except FileNotFoundError:
+            continue
+        if st.st_uid != 0:
+            return st.st_uid, st.st_gid
     try:
         return onboarding.key_owner(cfg)
     except onboarding.WrongUser as exc:
@@ -178,24 +213,36 @@ def domain_add(cfg: Config, args: argparse.Namespace) -> int:
         raise UserError(f"{args.domain!r} is not a domain name")
     if split_address(args.notify) is None:
         raise UserError(f"--notify: {args.notify!r} is not an e-mail address")
-    owner = _key_owner(cfg)  # before open_db, which would create the database as root
+    owner = _key_owner(cfg)  # before anything is made: it may refuse
+    conn = create_db(cfg, owner)
     try:
-        report = onboarding.add(open_db(cfg), cfg, domain, args.notify, owner)
+        report = onboarding.add(conn, cfg, domain, args.notify, owner)
     except OSError as exc:
-        raise UserError(f"cannot write the DKIM key under {cfg.dkim.key_dir}: {exc}") from exc
+        raise UserError(
+            f"cannot write the DKIM key under {cfg.dkim.key_dir}: {reason(exc, cfg.dkim.key_dir)}"
+        ) from exc
     _print_records(report, args.json)
     if not args.json:
         print(f"Then run: mailrelay domain check {domain}")
     return 0
 
 
+def _domain_db(cfg: Config, name: str) -> sqlite3.Connection:
+    """The database for a command on one domain: without one there is no such domain (and none
+    is made)."""
+    try:
+        return open_existing_db(cfg)
+    except NoDatabase:
+        raise accounts.NotFound(f"no domain {name.lower().rstrip('.')}") from None
+
+
 def domain_records(cfg: Config, args: argparse.Namespace) -> int:
-    _print_records(onboarding.records(open_db(cfg), cfg, args.domain), args.json)
+    _print_records(onboarding.records(_domain_db(cfg, args.domain), cfg, args.domain), args.json)
     return 0
 
 
 def domain_check(cfg: Config, args: argparse.Namespace) -> int:
-    report = asyncio.run(onboarding.check(open_db(cfg), cfg, args.domain))
+    report = asyncio.run(onboarding.check(_domain_db(cfg, args.domain), cfg, args.domain))
     if args.json:
         print_json(report.to_json())
     else:
@@ -216,13 +263,16 @@ def domain_check(cfg: Config, args: argparse.Namespace) -> int:
 
 
 def domain_rotate(cfg: Config, args: argparse.Namespace) -> int:
+    conn = _domain_db(cfg, args.domain)  # first: _key_owner could refuse for a domain not there
     owner = _key_owner(cfg)
     try:
-        report = onboarding.rotate(open_db(cfg), cfg, args.domain, owner)
+        report = onboarding.rotate(conn, cfg, args.domain, owner)
     except onboarding.RotationError as exc:
         raise UserError(str(exc)) from exc
     except OSError as exc:
-        raise UserError(f"cannot write the DKIM key under {cfg.dkim.key_dir}: {exc}") from exc
+        raise UserError(
+            f"cannot write the DKIM key under {cfg.dkim.key_dir}: {reason(exc, cfg.dkim.key_dir)}"
+        ) from exc
     _print_records(report, args.json)
     if not args.json:
         print(
@@ -234,7 +284,8 @@ def domain_rotate(cfg: Config, args: argparse.Namespace) -> int:
 
 def domain_activate(cfg: Config, args: argparse.Namespace) -> int:
     try:
-        report = asyncio.run(onboarding.activate(open_db(cfg), cfg, args.domain, force=args.force))
+        conn = _domain_db(cfg, args.domain)
+        report = asyncio.run(onboarding.activate(conn, cfg, args.domain, force=args.force))
     except onboarding.RotationError as exc:
         raise UserError(str(exc)) from exc
     if not args.json:
@@ -244,7 +295,7 @@ def domain_activate(cfg: Config, args: argparse.Namespace) -> int:
 
 
 def domain_retire(cfg: Config, args: argparse.Namespace) -> int:
-    conn = open_db(cfg)
+    conn = _domain_db(cfg, args.domain)
     key = onboarding.retire_key(conn, args.domain, args.selector)
     report = onboarding.records(conn, cfg, args.domain)
     if not args.json:
@@ -255,7 +306,7 @@ def domain_retire(cfg: Config, args: argparse.Namespace) -> int:
 
 
 def domain_list(cfg: Config, args: argparse.Namespace) -> int:
-    rows = accounts.list_domains(open_db(cfg))
+    rows = accounts.list_domains(open_existing_db(cfg))
     if args.json:
         print_json(
             [

@@ -9,7 +9,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from mailrelay.cli_output import UserError, open_db, open_existing_db, print_json, safe, when
+from mailrelay.cli_output import UserError, open_existing_db, print_json, safe, when
 from mailrelay.config import Config
 from mailrelay.store import connect, events, queue
 from mailrelay.store.queue import transaction
@@ -110,7 +110,7 @@ def _event_detail(e: dict[str, Any]) -> str:
 
 
 def queue_retry(cfg: Config, args: argparse.Namespace) -> int:
-    conn = open_db(cfg)
+    conn = open_existing_db(cfg)
     with transaction(conn):
         n = queue.retry(conn, None if args.all else args.id, time.time())
     if n == 0 and not args.all:
@@ -120,7 +120,7 @@ def queue_retry(cfg: Config, args: argparse.Namespace) -> int:
 
 
 def queue_delete(cfg: Config, args: argparse.Namespace) -> int:
-    conn = open_db(cfg)
+    conn = open_existing_db(cfg)
     with transaction(conn):
         deleted = queue.delete(conn, args.id)
     if not deleted:
