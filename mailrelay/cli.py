@@ -14,6 +14,7 @@ import os
 import sqlite3
 import sys
 from collections.abc import Callable, Sequence
+from pathlib import Path
 from typing import Any
 
 from mailrelay import checks, logs
@@ -34,6 +35,7 @@ from mailrelay.cli_accounts import (
 )
 from mailrelay.cli_output import EXIT_CONFIG, ConfigProblem, UserError, open_existing_db
 from mailrelay.cli_queue import log, queue_delete, queue_list, queue_retry, queue_show, tls_check
+from mailrelay.cli_tlsrpt import tlsrpt_list, tlsrpt_send_now, tlsrpt_show
 from mailrelay.config import Config, ConfigError
 from mailrelay.store import accounts, events
 
@@ -132,6 +134,16 @@ def _parser() -> argparse.ArgumentParser:
     _json(cmd(dom, "list", _existing_db(domain_list), "list domains"))
     _json(cmd(sub, "tls-check", tls_check, "probe every MX of a domain")).add_argument("domain")
 
+    rpt = sub.add_parser("tlsrpt", help="TLS reports (RFC 8460)").add_subparsers(
+        dest="action", required=True, metavar="ACTION"
+    )
+    one = _json(cmd(rpt, "list", _existing_db(tlsrpt_list), "reports, newest first"))
+    one.add_argument("--limit", metavar="N", type=int, default=100, help="reports to list")
+    one = cmd(rpt, "show", tlsrpt_show, "one report's JSON")
+    one.add_argument("id", help="the report's id, or its report-id")
+    one.add_argument("--raw", action="store_true", help="as sent, not indented")
+    cmd(rpt, "send-now", tlsrpt_send_now, "make every finished day's reports and send them")
+
     q = sub.add_parser("queue", help="the delivery queue").add_subparsers(
         dest="action", required=True, metavar="ACTION"
     )
@@ -219,11 +231,16 @@ def _print_started(service: Any) -> None:
         return
     first = cfg.submission.listen[0]
     conf = f" --config {sys.argv[sys.argv.index('--config') + 1]}" if "--config" in sys.argv else ""
+    # The command as this one was run: `.venv/bin/mailrelay` from a checkout (`make run`), plain
+    # `mailrelay` where it is installed on the PATH.
+    command = ".venv/bin/mailrelay" if ".venv" in Path(sys.prefix).parts else "mailrelay"
+    wildcard = first.host in ("0.0.0.0", "::", "")  # noqa: S104 -- recognised, not bound
+    host = "127.0.0.1" if wildcard else first.host
     lines = [
         "No sending domain yet. Add a domain and a user, then send a first message:",
-        f"  .venv/bin/mailrelay{conf} domain add example.org --notify postmaster@example.org",
-        f"  .venv/bin/mailrelay{conf} user add alice@example.org",
-        f"  swaks --server {first.host}:{first.port} -tls --auth-user alice@example.org \\",
+        f"  {command}{conf} domain add example.org --notify postmaster@example.org",
+        f"  {command}{conf} user add alice@example.org",
+        f"  swaks --server {host}:{first.port} -tls --auth-user alice@example.org \\",
         "        --from alice@example.org --to bob@example.net",
     ]
     print("\n".join(lines), file=sys.stderr, flush=True)

@@ -71,6 +71,9 @@ class DomainPolicy:
     security_level: SecurityLevel | None = None
     cipher_profile: CipherProfile | None = None
     insecure_action: InsecureAction | None = None
+    # RFC 8689 §4.2.1: let a message with "TLS-Required: No" to this domain set its DANE and
+    # MTA-STS policies aside (it still goes only over TLS). Off: the header is kept and logged.
+    honour_tls_required_no: bool = False
 
 
 @dataclass(frozen=True)
@@ -117,6 +120,10 @@ class DeliveryConfig:
         return (
             override.cipher_profile if override and override.cipher_profile else self.cipher_profile
         )
+
+    def honours_tls_required_no(self, domain: str) -> bool:
+        override = self.domains.get(domain.lower())
+        return bool(override and override.honour_tls_required_no)
 
     def insecure_action_for(self, domain: str) -> InsecureAction:
         override = self.domains.get(domain.lower())
@@ -165,6 +172,26 @@ class LimitsConfig:
 
 
 @dataclass(frozen=True)
+class TlsRptConfig:
+    """TLS reporting (RFC 8460): a daily report of what delivery saw of each recipient domain's
+    TLS, sent to the domains that ask for one in `_smtp._tls`. Off by default: sending reports to
+    third parties is the operator's choice, and a mailed report needs a From: address at one of
+    our domains (it must be DKIM-signed). Empty names are derived (`tlsrpt.report.identity`).
+    """
+
+    enabled: bool = False
+    organization_name: str = ""  # "": the hostname
+    contact_info: str = ""  # "": postmaster@<hostname>
+    from_address: str = ""  # "": noreply-tlsrpt@<the contact address's domain>
+    # Reports for a UTC day go out the next day from this hour (UTC) on: RFC 8460 §4.1 asks
+    # for a delay, so that every sender's reports do not reach the receivers at midnight.
+    send_hour: int = 2
+    # The most rua URIs one domain's record may have us send to (RFC 8460 sets no bound).
+    max_rua: int = 5
+    https_timeout: float = 30.0
+
+
+@dataclass(frozen=True)
 class MetricsConfig:
     listen: ListenAddress | None = ListenAddress("127.0.0.1", 9187)
 
@@ -186,6 +213,7 @@ class Config:
     dkim: DkimConfig = DkimConfig()
     records: RecordsConfig = RecordsConfig()
     limits: LimitsConfig = LimitsConfig()
+    tlsrpt: TlsRptConfig = TlsRptConfig()
     metrics: MetricsConfig = MetricsConfig()
     log: LogConfig = LogConfig()
 
@@ -255,6 +283,7 @@ def parse(raw: dict[str, Any], *, base_dir: Path) -> Config:
             security_level=one.choice("security_level", SecurityLevel, None),
             cipher_profile=one.choice("cipher_profile", CipherProfile, None),
             insecure_action=one.choice("insecure_action", InsecureAction, None),
+            honour_tls_required_no=one.boolean("honour_tls_required_no", False),
         )
         one.done()
     domains_t.done()
@@ -325,6 +354,8 @@ def parse(raw: dict[str, Any], *, base_dir: Path) -> Config:
             f"{limits.max_unauthenticated_per_ip!r} is more than limits.max_connections_per_ip"
         )
 
+    tlsrpt = _tlsrpt(top.table("tlsrpt"))
+
     met_t = top.table("metrics")
     metrics_listen = met_t.string("listen", "127.0.0.1:9187")
     metrics = MetricsConfig(
@@ -348,6 +379,7 @@ def parse(raw: dict[str, Any], *, base_dir: Path) -> Config:
         dkim=dkim,
         records=records,
         limits=limits,
+        tlsrpt=tlsrpt,
         metrics=metrics,
         log=log,
     )
@@ -355,6 +387,9 @@ def parse(raw: dict[str, Any], *, base_dir: Path) -> Config:
 
 _HOSTNAME = re.compile(r"(?=.{1,253}$)([A-Za-z0-9]([A-Za-z0-9-]{0,61}[A-Za-z0-9])?\.?)+")
 _DURATION = re.compile(r"(\d+(?:\.\d+)?)(ms|s|m|h|d)?")
+# A plain ASCII address (RFC 5322 dot-atom), enough to refuse a display name or a second
+# address in a header we write.
+_ADDRESS = re.compile(r"[A-Za-z0-9!#$%&'*+/=?^_`{|}~.-]+@[A-Za-z0-9-]+(\.[A-Za-z0-9-]+)+")
 _UNITS = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0, "d": 86400.0, None: 1.0}
 
 
@@ -493,6 +528,29 @@ def split_nameserver(value: str) -> tuple[str, int]:
         host, _, port = value.partition(":")
         return host, int(port) if port.isdigit() else -1
     return value, 53
+
+
+def _tlsrpt(t: _Table) -> TlsRptConfig:
+    d = TlsRptConfig()
+    result = TlsRptConfig(
+        enabled=t.boolean("enabled", d.enabled),
+        organization_name=t.string("organization_name", d.organization_name),
+        contact_info=t.string("contact_info", d.contact_info),
+        from_address=t.string("from_address", d.from_address),
+        send_hour=t.integer("send_hour", d.send_hour, 0, 23),
+        max_rua=t.integer("max_rua", d.max_rua, 1, 20),
+        https_timeout=t.duration("https_timeout", d.https_timeout),
+    )
+    t.done()
+    for key in ("organization_name", "contact_info"):
+        value = getattr(result, key)
+        # Both go into the report and contact_info's domain into a mail header: one line each.
+        if any(not c.isprintable() for c in value):
+            raise ConfigError(f"tlsrpt.{key}: {value!r} has a control character")
+    address = result.from_address
+    if address and not _ADDRESS.fullmatch(address):
+        raise ConfigError(f"tlsrpt.from_address: {address!r} is not an address (local@domain)")
+    return result
 
 
 def _spf(key: str, value: str) -> str:

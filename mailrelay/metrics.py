@@ -63,6 +63,7 @@ INSECURE_REASONS = (
     "dane",
     "dane_required",
     "mta_sts",
+    "requiretls",
 )
 POLICY_FAILURES = (
     ("dane", "certificate_mismatch"),
@@ -74,6 +75,8 @@ POLICY_FAILURES = (
     ("mta-sts", "sts-policy-invalid"),
     ("mta-sts", "sts-webpki-invalid"),
 )
+TLSRPT_METHODS = ("mailto", "https")
+TLSRPT_RESULTS = ("sent", "failed")
 
 
 def _version() -> str:
@@ -162,6 +165,14 @@ class Metrics:
         self.delivery_workers = Gauge(
             "mailrelay_delivery_workers", "Size of the delivery worker pool.", registry=r
         )
+        self.tlsrpt_reports = Counter(
+            "mailrelay_tlsrpt_reports",
+            "TLS-RPT (RFC 8460) reports that reached their end, one per report and rua URI, by"
+            " method (mailto, https) and result: sent (POSTed, or mailed and delivered) or"
+            " failed (given up on).",
+            ["method", "result"],
+            registry=r,
+        )
         self.tls_certificate_expiry = Gauge(
             "mailrelay_tls_certificate_expiry_timestamp_seconds",
             "notAfter of the submission certificate loaded now (at start, and by each SIGHUP).",
@@ -181,6 +192,9 @@ class Metrics:
             self.smtp_insecure_refusals.labels(reason=reason)
         for policy, reason in POLICY_FAILURES:
             self.smtp_tls_policy_failures.labels(policy=policy, reason=reason)
+        for method in TLSRPT_METHODS:
+            for result in TLSRPT_RESULTS:
+                self.tlsrpt_reports.labels(method=method, result=result)
         # What the delivery side counts; with delivery in its own process, the child keeps
         # these and the parent serves the child's latest snapshot in their place.
         self._delivery: tuple[Collector, ...] = (
@@ -192,6 +206,7 @@ class Metrics:
             self.dns_lookup_failures,
             self.delivery_workers_busy,
             self.delivery_workers,
+            self.tlsrpt_reports,  # the report task runs beside the queue runner
         )
         self._adopted: _Adopted | None = None
 

@@ -27,6 +27,7 @@ from mailrelay.submission.auth import PasswordChecker
 from mailrelay.submission.handler import Accepted, SubmissionHandler
 from mailrelay.submission.server import SubmissionServer
 from mailrelay.submission.tls import ensure_self_signed
+from mailrelay.tlsrpt.reporter import Reporter
 
 log = logging.getLogger("mailrelay.service")
 
@@ -154,6 +155,7 @@ class InlineDelivery:
         policy = transport_policy(config, StoreStsCache(store), metrics)
         courier = SmtpCourier(policy, self.pool, metrics)
         self.runner = QueueRunner(config, store, courier, metrics, wake)
+        self.reporter = Reporter(config, store, metrics, wake)  # TLS-RPT, beside the runner
 
     async def start(self) -> None:
         # Nothing else claims: whatever is still claimed was being delivered when we stopped.
@@ -162,8 +164,10 @@ class InlineDelivery:
             log.info("event=recovered recipients=%d", released)
         await self.pool.start()
         await self.runner.start()
+        await self.reporter.start()
 
     async def stop(self) -> None:
+        await self.reporter.stop()
         await self.runner.stop()
         await self.pool.stop()
 

@@ -159,6 +159,7 @@ async def _child_main(config: Config, sock: socket.socket) -> None:
     from mailrelay.delivery.published import transport_policy
     from mailrelay.delivery.runner import QueueRunner
     from mailrelay.store import Store, claims
+    from mailrelay.tlsrpt.reporter import Reporter
 
     metrics = Metrics()
     store = Store(config.storage.path)
@@ -171,6 +172,7 @@ async def _child_main(config: Config, sock: socket.socket) -> None:
     pool = SessionPool(config, metrics)
     courier = SmtpCourier(transport_policy(config, StoreStsCache(store), metrics), pool, metrics)
     runner = QueueRunner(config, store, courier, metrics, wake)
+    reporter = Reporter(config, store, metrics, wake)  # TLS-RPT, beside the runner
     reader, writer = await asyncio.open_unix_connection(sock=sock)
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
@@ -191,11 +193,13 @@ async def _child_main(config: Config, sock: socket.socket) -> None:
 
     await pool.start()
     await runner.start()
+    await reporter.start()
     tasks = [asyncio.create_task(listen()), asyncio.create_task(report())]
     log.info("event=delivery_process_started pid=%d", os.getpid())
     try:
         await stop.wait()
     finally:
+        await reporter.stop()
         await runner.stop()
         await pool.stop()
         for task in tasks:

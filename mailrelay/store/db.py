@@ -153,9 +153,63 @@ MIGRATIONS: tuple[str, ...] = (
     ALTER TABLE dkim_keys ADD COLUMN activated_at REAL;
     UPDATE dkim_keys SET activated_at = created_at;
     """,
-    # 6: REQUIRETLS (RFC 8689): the sender's demand travels with the message, across restarts.
+    # 6: RFC 8689 travels with the message, across restarts: the sender's REQUIRETLS, and a
+    # "TLS-Required: No" header (tls_optional), which delivery honours only where configured.
     """
     ALTER TABLE messages ADD COLUMN requiretls INTEGER NOT NULL DEFAULT 0;
+    ALTER TABLE messages ADD COLUMN tls_optional INTEGER NOT NULL DEFAULT 0;
+    """,
+    # 7: TLS reporting (RFC 8460). Delivery adds each session to a per-day aggregate (one row
+    # per policy, one per distinct failure: never a row per session); the daily report freezes
+    # a domain's day into the JSON sent and drops its aggregates. Each rua URI of a report is a
+    # delivery of its own. A report that goes by mail is a message of ours, marked so that its
+    # own sessions are never counted (RFC 8460 §3: a report about the report's delivery).
+    """
+    ALTER TABLE messages ADD COLUMN tlsrpt_report INTEGER NOT NULL DEFAULT 0;
+    CREATE TABLE tlsrpt_policies (
+        id INTEGER PRIMARY KEY,
+        domain TEXT NOT NULL,                 -- the policy domain, lowercase A-labels
+        day TEXT NOT NULL,                    -- UTC, YYYY-MM-DD
+        policy_type TEXT NOT NULL CHECK (policy_type IN ('tlsa', 'sts', 'no-policy-found')),
+        policy_strings TEXT NOT NULL,         -- JSON array: the TLSA records or policy lines
+        mx_hosts TEXT NOT NULL,               -- JSON array: the MTA-STS mx patterns
+        successful INTEGER NOT NULL DEFAULT 0,
+        failed INTEGER NOT NULL DEFAULT 0,
+        UNIQUE (domain, day, policy_type, policy_strings, mx_hosts)
+    );
+    CREATE TABLE tlsrpt_failures (
+        policy_id INTEGER NOT NULL REFERENCES tlsrpt_policies(id) ON DELETE CASCADE,
+        result_type TEXT NOT NULL,
+        sending_ip TEXT NOT NULL,             -- '' where unknown (NULLs would never conflict)
+        receiving_mx TEXT NOT NULL,
+        receiving_ip TEXT NOT NULL,
+        sessions INTEGER NOT NULL,
+        reason TEXT,                          -- the latest failure-reason-code seen
+        PRIMARY KEY (policy_id, result_type, sending_ip, receiving_mx, receiving_ip)
+    ) WITHOUT ROWID;
+    CREATE TABLE tlsrpt_reports (
+        id TEXT PRIMARY KEY,                  -- the report-id is id@hostname
+        report_id TEXT NOT NULL,
+        domain TEXT NOT NULL,
+        day TEXT NOT NULL,
+        created_at REAL NOT NULL,
+        report_json TEXT NOT NULL,            -- exactly as sent
+        UNIQUE (domain, day)
+    );
+    CREATE TABLE tlsrpt_deliveries (
+        report_key TEXT NOT NULL REFERENCES tlsrpt_reports(id) ON DELETE CASCADE,
+        uri TEXT NOT NULL,
+        method TEXT NOT NULL CHECK (method IN ('mailto', 'https')),
+        state TEXT NOT NULL CHECK (state IN ('pending', 'queued', 'sent', 'failed')),
+        attempts INTEGER NOT NULL DEFAULT 0,
+        first_attempt_at REAL,
+        next_attempt_at REAL NOT NULL,        -- pending: when it is due (a claim moves it on)
+        message_id TEXT,                      -- mailto: the queued report message
+        detail TEXT,                          -- why it failed, or the last error
+        updated_at REAL NOT NULL,
+        PRIMARY KEY (report_key, uri)
+    );
+    CREATE INDEX tlsrpt_deliveries_state ON tlsrpt_deliveries(state, next_attempt_at);
     """,
 )
 
@@ -192,9 +246,15 @@ def connect(path: str, *, busy_timeout: float = 30.0) -> sqlite3.Connection:
     _migrate(conn)
     if path != ":memory:":
         # The queue holds message bodies: personal data, readable by the service only.
+        owner = os.stat(path)
         for suffix in ("", "-wal", "-shm"):
             if os.path.exists(path + suffix):
                 os.chmod(path + suffix, 0o600)
+                if suffix and os.geteuid() == 0:
+                    # Root (the CLI) on the service user's database: the -wal and -shm it makes
+                    # must be the service's too. SQLite's own unix VFS does this as well; here
+                    # it does not depend on how SQLite was built.
+                    os.chown(path + suffix, owner.st_uid, owner.st_gid)
     return conn
 
 

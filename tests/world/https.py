@@ -4,6 +4,8 @@ It answers every request with the test's current `Reply` (body, status, content 
 headers such as a redirect's Location, a delay before answering, a body trickled out byte by
 byte) and records each request with the TLS SNI it came with. `serve_policy` issues its
 certificate from the world's CA and publishes its A record and the `_mta-sts` TXT record.
+`serve_collector` is the same server as an endpoint that takes POSTs (a TLS-RPT collector):
+it keeps each request's body and answers what its `respond` function says.
 """
 
 from __future__ import annotations
@@ -11,6 +13,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import ssl
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -21,8 +24,16 @@ from tests.world.serving import StreamServing
 if TYPE_CHECKING:
     from tests.world import World
 
-_REASONS = {200: "OK", 301: "Moved Permanently", 302: "Found", 404: "Not Found", 500: "Error"}
+_REASONS = {
+    200: "OK",
+    301: "Moved Permanently",
+    302: "Found",
+    400: "Bad Request",
+    404: "Not Found",
+    500: "Error",
+}
 _HEAD_LIMIT = 16 * 1024
+_BODY_LIMIT = 1024 * 1024
 
 
 def policy_text(
@@ -68,6 +79,7 @@ class Request:
     host: str | None
     sni: str | None
     headers: dict[str, str] = field(default_factory=dict)  # lowercased names
+    body: bytes = b""  # as far as Content-Length said (a POST's; none for a GET)
 
 
 class PolicyServer(StreamServing):
@@ -88,6 +100,9 @@ class PolicyServer(StreamServing):
         self._cert_file = cert_file
         self._key_file = key_file
         self.reply = reply or Reply()
+        # When set, each request is answered with what this returns for it (a collector that
+        # checks what it is sent), instead of `reply`.
+        self.respond: Callable[[Request], Reply] | None = None
         self.requests: list[Request] = []
         self._sni: dict[int, str | None] = {}
 
@@ -133,8 +148,13 @@ class PolicyServer(StreamServing):
                 headers[name.strip().lower()] = value.strip()
         ssl_object = writer.get_extra_info("ssl_object")
         sni = self._sni.pop(id(ssl_object), None)
-        self.requests.append(Request(method, path, headers.get("host"), sni, headers))
-        reply = self.reply
+        length = headers.get("content-length", "")
+        body = b""
+        if length.isdigit() and 0 < int(length) <= _BODY_LIMIT:
+            body = await reader.readexactly(int(length))
+        request = Request(method, path, headers.get("host"), sni, headers, body)
+        self.requests.append(request)
+        reply = self.reply if self.respond is None else self.respond(request)
         if reply.delay and await _client_left_within(reader, reply.delay):
             return
         body = reply.body_bytes
@@ -196,4 +216,26 @@ async def serve_policy(
     world.dns.add(host, "A", address)
     if policy_id is not None:
         world.dns.add(f"_mta-sts.{domain}", "TXT", f"v=STSv1; id={policy_id}")
+    return server
+
+
+async def serve_collector(
+    world: World,
+    host: str,
+    *,
+    address: str,
+    respond: Callable[[Request], Reply] | None = None,
+    cert: Issued | None = None,
+) -> PolicyServer:
+    """Start an HTTPS endpoint (a TLS-RPT report collector, say) for `host` on `address`, with a
+    certificate from the world's CA (or `cert`), and publish its A record. Requests are
+    answered by `respond` (200 with an empty body if None). The caller stops the server."""
+    issued = cert or world.ca.issue([host])
+    cert_file, key_file = issued.write(world.directory / "certs", f"{host}-{address}")
+    server = PolicyServer(
+        address, cert_file=cert_file, key_file=key_file, reply=Reply(content_type=None)
+    )
+    server.respond = respond
+    await server.start()
+    world.dns.add(host, "A", address)
     return server
