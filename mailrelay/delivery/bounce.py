@@ -68,4 +68,6 @@ def bounce_for(
         client_ip=None,
         sender_domain=job.sender_domain,
         is_bounce=True,
+        # RFC 8689 §5: the bounce quotes the message's headers, so it is held to REQUIRETLS too.
+        requiretls=job.requiretls,
     )

@@ -242,6 +242,11 @@ _INSECURE_WHY = {
         "The MTA-STS policy the recipient's domain publishes does not allow the receiving "
         "server or its certificate."
     ),
+    Insecure.REQUIRETLS: (
+        "The message was sent with REQUIRETLS (RFC 8689): it may only travel over TLS whose "
+        "server is authenticated (DANE or MTA-STS) to a server that promises the same for the "
+        "next hop, and no receiving server of the recipient's domain offers both."
+    ),
 }
 
 

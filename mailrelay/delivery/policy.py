@@ -21,6 +21,7 @@ from mailrelay.delivery import ciphers
 from mailrelay.delivery.certificates import CertificateFacts, verify_chain, weak_chain
 from mailrelay.delivery.mx import MxFailure, MxHost, MxResolver
 from mailrelay.delivery.result import Insecure, Kind, Result
+from mailrelay.tlsrpt import model as tlsrpt
 
 
 @dataclass(frozen=True)
@@ -67,6 +68,11 @@ class Authentication(Protocol):
     @property
     def label(self) -> str: ...
 
+    @property
+    def authenticated(self) -> bool:
+        """Whether a session it accepts has an authenticated server (REQUIRETLS asks that)."""
+        ...
+
     async def judge(self, handshake: Handshake) -> Judgement: ...
 
 
@@ -77,6 +83,7 @@ class Encrypt:
 
     ca_file: str = ""
     label: str = "encrypt"
+    authenticated: bool = False
 
     async def judge(self, handshake: Handshake) -> Judgement:
         # Off the event loop: the first verification parses the system trust store.
@@ -96,6 +103,7 @@ class WebPki:
     label: str = "verify"
     detail: str | None = None  # what asked for it, e.g. the MTA-STS policy id, for the evidence
     reason: Insecure = Insecure.CERTIFICATE  # what a refusal is called
+    authenticated: bool = True
 
     async def judge(self, handshake: Handshake) -> Judgement:
         errors = []
@@ -146,6 +154,8 @@ class Route:
     host: MxHost
     tls: TlsRequirement
     refusal: Result | None = None
+    # The recipient's published policy that applies, as a TLS-RPT report names it; None: none.
+    report: tlsrpt.AppliedPolicy | None = None
 
 
 class Rule(Protocol):
@@ -157,6 +167,11 @@ class Rule(Protocol):
 
 class DomainRule(Protocol):
     def route(self, route: Route) -> Route: ...
+
+    @property
+    def report_failure(self) -> tlsrpt.Session | None:
+        """A failure of the policy itself (not of a session), for TLS-RPT; None if none."""
+        ...
 
 
 @dataclass(frozen=True)
@@ -222,6 +237,20 @@ class TransportPolicy:
 
 def _family_ok(address: str, family: str) -> bool:
     return family == "both" or (":" in address) == (family == "ipv6")
+
+
+def relaxed(route: Route, ca_file: str) -> Route:
+    """`route` as a "TLS-Required: No" message (RFC 8689 §4.2.1) may take it, where the operator
+    lets it: the recipient's DANE and MTA-STS refusals are set aside, and any certificate is
+    accepted -- but still only over TLS with the configured ciphers, never in plaintext."""
+    refusal = route.refusal
+    if refusal is not None and refusal.insecure in _PUBLISHED_POLICY:
+        refusal = None
+    tls = replace(route.tls, authentication=Encrypt(ca_file))
+    return replace(route, tls=tls, refusal=refusal)
+
+
+_PUBLISHED_POLICY = (Insecure.DANE, Insecure.DANE_REQUIRED, Insecure.MTA_STS)
 
 
 def raised(route: Route, authentication: Authentication, sni: str | None = None) -> Route:

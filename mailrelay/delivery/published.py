@@ -11,7 +11,7 @@ import datetime as dt
 import logging
 import time
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import dns.asyncresolver
 
@@ -34,6 +34,7 @@ from mailrelay.delivery.policy import (
 from mailrelay.delivery.result import Evidence, Insecure, Kind, Result
 from mailrelay.metrics import Metrics
 from mailrelay.resolver import make_resolver
+from mailrelay.tlsrpt import model as tlsrpt
 
 log = logging.getLogger("mailrelay.delivery")
 
@@ -66,6 +67,11 @@ class StsTesting:
     def label(self) -> str:
         return self.inner.label
 
+    @property
+    def authenticated(self) -> bool:
+        # A testing policy changes nothing about delivery, so it authenticates what `inner` does.
+        return self.inner.authenticated
+
     async def judge(self, handshake: Handshake) -> Judgement:
         decision = await self.inner.judge(handshake)
         problem = self.mx_problem
@@ -92,19 +98,45 @@ class StsRule:
         found = await self.sts.lookup(domain)
         if found.error is not None and self.metrics is not None:
             self.metrics.smtp_tls_policy_failures.labels(policy="mta-sts", reason=found.error).inc()
-        return StsDomain(found, self.ca_file, self.metrics)
+        return StsDomain(domain, found, self.ca_file, self.metrics)
 
 
 class StsDomain:
-    def __init__(self, lookup: StsLookup, ca_file: str, metrics: Metrics | None) -> None:
+    def __init__(
+        self, domain: str, lookup: StsLookup, ca_file: str, metrics: Metrics | None
+    ) -> None:
+        self.domain = domain
         self.lookup = lookup
         self.ca_file = ca_file
         self.metrics = metrics
+
+    @property
+    def report_failure(self) -> tlsrpt.Session | None:
+        """A discovery or fetch failure as TLS-RPT counts it (RFC 8460 §4.3.2.2): a failed
+        session of the domain's (unfetchable) policy, with no receiving MX."""
+        lookup = self.lookup
+        if lookup.error is None:
+            return None
+        policy = tlsrpt.AppliedPolicy("sts", self.domain) if lookup.policy else None
+        return tlsrpt.Session(
+            at=time.time(),
+            policy=policy or tlsrpt.AppliedPolicy("no-policy-found", self.domain),
+            result_type=lookup.error,
+            failure_reason_code=lookup.detail[:200] or None,
+        )
+
+    def report_policy(self) -> tlsrpt.AppliedPolicy | None:
+        policy = self.lookup.policy
+        if policy is None or policy.mode == "none":
+            return None
+        lines = tuple(line.strip() for line in policy.body.splitlines() if line.strip())
+        return tlsrpt.AppliedPolicy("sts", policy.domain, lines, policy.mx)
 
     def route(self, route: Route) -> Route:
         policy = self.lookup.policy
         if policy is None or policy.mode == "none":
             return route
+        route = replace(route, report=self.report_policy())
         host = route.host
         note = f"MTA-STS policy id={policy.policy_id}"
         webpki = WebPki(
@@ -143,6 +175,7 @@ class DaneAuthentication:
     records: DaneRecords
     names: tuple[str, ...]  # for DANE-TA: the reference identifiers (RFC 7672 §3.2.2)
     label: str = "dane"
+    authenticated: bool = True
 
     async def judge(self, handshake: Handshake) -> Judgement:
         now = dt.datetime.now(dt.UTC)
@@ -184,6 +217,8 @@ class DaneDomain:
         self.tlsa = tlsa
         self.required = required
         self.metrics = metrics
+        # A failed TLSA lookup is reported per host, as the session that could not be made.
+        self.report_failure: tlsrpt.Session | None = None
 
     def route(self, route: Route) -> Route:
         host = route.host
@@ -202,7 +237,13 @@ class DaneDomain:
             )
         if isinstance(found, DaneRecords) and found.usable:
             names = dane.reference_names(self.domain, host, found)
-            return raised(route, DaneAuthentication(found, names), sni=found.base_domain)
+            strings = tuple(
+                f"{r.usage} {r.selector} {r.mtype} {r.data.hex()}" for r in found.records
+            )
+            # Reported to, and named by, the recipient domain (whose _smtp._tls is asked).
+            report = tlsrpt.AppliedPolicy("tlsa", self.domain, strings, (host.name,))
+            dane_route = raised(route, DaneAuthentication(found, names), sni=found.base_domain)
+            return replace(dane_route, report=report)
         if self.required:
             if isinstance(found, NoDane):
                 why = f"security_level is dane, and {found.reason}"

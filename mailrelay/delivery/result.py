@@ -11,6 +11,8 @@ from __future__ import annotations
 from dataclasses import dataclass, replace
 from enum import StrEnum
 
+from mailrelay.tlsrpt import model as tlsrpt
+
 
 class Kind(StrEnum):
     """How an attempt ended; the value is what the store and `queue show` say."""
@@ -33,6 +35,9 @@ class Insecure(StrEnum):
     DANE = "dane"  # secure TLSA records, and the certificate matches none of them
     DANE_REQUIRED = "dane_required"  # security_level = "dane", and the MX has no DANE
     MTA_STS = "mta_sts"  # an enforce policy refuses the MX name or its certificate
+    # The message was sent with REQUIRETLS (RFC 8689) and this MX is not authenticated (no DANE,
+    # no MTA-STS enforce, no security_level verify) or does not offer REQUIRETLS itself.
+    REQUIRETLS = "requiretls"
 
     @property
     def status(self) -> str:
@@ -59,6 +64,7 @@ _INSECURE_STATUS = {
     Insecure.DANE: "5.7.5",
     Insecure.DANE_REQUIRED: "5.7.5",
     Insecure.MTA_STS: "5.7.5",
+    Insecure.REQUIRETLS: "5.7.30",  # RFC 8689 §5: "REQUIRETLS support required"
 }
 # An MX that did offer TLS (5.7.10, 5.7.5) says more about the destination than one that offered
 # none (5.7.4): the bounce names the most telling reason.
@@ -80,6 +86,7 @@ class Evidence:
     cert_verified: bool | None = None  # authenticated by DANE, or by WebPKI for the MX name
     policy: str | None = None  # which policy decided: "encrypt", "verify", later DANE, MTA-STS
     policy_detail: str | None = None  # e.g. the TLSA record that matched
+    local_address: str | None = None  # our end of the connection: TLS-RPT's sending-mta-ip
 
     def ended(self, kind: Kind, reply: str | None) -> Evidence:
         """The same connection's facts, for a recipient whose transaction ended otherwise."""
@@ -99,6 +106,9 @@ class Result:
     # the address at all (an IPv6 MX address on an IPv4-only host). It must not keep a
     # destination whose reachable MX hosts are all insecure from bouncing.
     no_route: bool = False
+    # The attempt's TLS sessions as TLS-RPT (RFC 8460) counts them; the same tuple on every
+    # recipient's result of one attempt, so the runner records them once.
+    reports: tuple[tlsrpt.Session, ...] = ()
 
     def __post_init__(self) -> None:
         if (self.kind is Kind.INSECURE) != (self.insecure is not None):

@@ -26,8 +26,10 @@ from mailrelay.delivery.courier import Courier
 from mailrelay.delivery.result import Insecure, Kind, Result
 from mailrelay.metrics import Metrics
 from mailrelay.store import Store, accounts, claims, queue
+from mailrelay.store import tlsrpt as tlsrpt_store
 from mailrelay.store.claims import ClaimedRecipient, Job, RecipientUpdate
 from mailrelay.store.writer import StoreClosed
+from mailrelay.tlsrpt import model as tlsrpt_model
 
 log = logging.getLogger("mailrelay.delivery")
 
@@ -152,6 +154,7 @@ class QueueRunner:
             self._expire(r, r.last_diagnostic or "the attempt was interrupted") for r in given_up
         ]
         insecure: dict[int, Insecure] = {}  # for the bounce: why no MX met the policy
+        reports: tuple[tlsrpt_model.Session, ...] = ()
         if due:
             results = await self._deliver(dataclasses.replace(job, recipients=tuple(due)))
             now = self.clock()
@@ -159,7 +162,8 @@ class QueueRunner:
             insecure = {
                 r.id: res.insecure for r, res in zip(due, results, strict=True) if res.insecure
             }
-        await self._record(job, updates, insecure)
+            reports = results[0].reports if results else ()
+        await self._record(job, updates, insecure, reports)
 
     async def _deliver(self, job: Job) -> list[Result]:
         deadline = self.config.delivery.attempt_deadline
@@ -194,6 +198,10 @@ class QueueRunner:
                 return self._update(recipient, "bounced", result.status, result.diagnostic, result)
             case Kind.INSECURE:
                 action = self.config.delivery.insecure_action_for(job.domain)
+                if result.insecure is Insecure.REQUIRETLS:
+                    # The sender's demand, not the destination's passing state: RFC 8689 §5
+                    # returns the message at once, whatever insecure_action says.
+                    action = "bounce"
                 if action == "bounce" and not (result.insecure and result.insecure.defers):
                     return self._update(
                         recipient, "bounced", result.status, result.diagnostic, result
@@ -244,7 +252,11 @@ class QueueRunner:
     # -- recording --------------------------------------------------------------------------
 
     async def _record(
-        self, job: Job, updates: list[RecipientUpdate], insecure: dict[int, Insecure]
+        self,
+        job: Job,
+        updates: list[RecipientUpdate],
+        insecure: dict[int, Insecure],
+        reports: tuple[tlsrpt_model.Session, ...] = (),
     ) -> None:
         bounced = [u for u in updates if u.state == "bounced"]
         notify = None
@@ -258,6 +270,10 @@ class QueueRunner:
 
         def commit(conn: sqlite3.Connection) -> str | None:
             claims.record(conn, job.message_id, updates, now)
+            # TLS-RPT counts this attempt's sessions, in the same commit as their outcome. A
+            # report's own delivery is never reported on (RFC 8460 §5.3: no report loops).
+            if reports and not tlsrpt_store.is_report_message(conn, job.message_id):
+                tlsrpt_store.record_sessions(conn, reports)
             return queue.enqueue(conn, dsn, now) if dsn is not None else None
 
         delay = RECORD_RETRY_FIRST

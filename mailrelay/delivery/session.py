@@ -119,6 +119,7 @@ class _Attempt:
         self.where = f"{mx_name}[{address}]"
         self.context = context
         self.stage = "the connection"
+        self.local_address: str | None = None  # known once connected
 
     def ended(
         self,
@@ -144,6 +145,7 @@ class _Attempt:
             cert_verified=tls.verified if tls else None,
             policy=tls.policy if tls else None,
             policy_detail=tls.policy_detail if tls else None,
+            local_address=self.local_address,
         )
         diagnostic = reply.diagnostic if reply and kind is not Kind.INSECURE else where
         return Result(kind, status, diagnostic, insecure, (evidence,))
@@ -195,6 +197,7 @@ class _Attempt:
                     unroutable = self.transient("4.4.4", f"no route from here: {cause.strerror}")
                     return replace(unroutable, no_route=True)
                 return self.transient("4.4.1", f"cannot connect: {exc.message}")
+            self.local_address = _local_address(smtp)
 
             self.stage = "EHLO"
             try:
@@ -246,13 +249,20 @@ class _Attempt:
             except aiosmtplib.SMTPHeloError as exc:
                 await _quit(smtp)
                 return self.from_reply(Reply.parse(exc.code, exc.message))
-            return Session(smtp, self.mx_name, self.address, facts, command_timeout)
+            session = Session(smtp, self.mx_name, self.address, facts, command_timeout)
+            session.local_address = self.local_address
+            return session
         except aiosmtplib.SMTPTimeoutError:
             return self.transient("4.4.2", f"timed out waiting for the reply to {self.stage}")
         except aiosmtplib.SMTPServerDisconnected:
             return self.transient("4.4.2", f"connection lost during {self.stage}")
         except aiosmtplib.SMTPResponseException as exc:  # e.g. a malformed reply line
             return self.transient("4.5.0", f"protocol error during {self.stage}: {exc.message}")
+
+
+def _local_address(smtp: aiosmtplib.SMTP) -> str | None:
+    sockname = smtp.get_transport_info("sockname")
+    return str(sockname[0]) if isinstance(sockname, tuple) and sockname else None
 
 
 def _handshake(smtp: aiosmtplib.SMTP, mx_name: str) -> Handshake:
@@ -321,6 +331,16 @@ class Session:
         self.tls = tls
         self._timeout = command_timeout
         self._transactions = 0
+        self.local_address: str | None = None
+
+    @property
+    def fresh(self) -> bool:
+        """No transaction yet: the connection's first use (TLS-RPT counts it as a session)."""
+        return self._transactions == 0
+
+    def offers(self, extension: str) -> bool:
+        """Whether the server's EHLO after STARTTLS listed `extension` (lowercase)."""
+        return extension in self._smtp.esmtp_extensions
 
     @property
     def where(self) -> str:
@@ -359,9 +379,12 @@ class Session:
             cert_verified=tls.verified,
             policy=tls.policy,
             policy_detail=tls.policy_detail,
+            local_address=self.local_address,
         )
 
-    async def send(self, mail_from: str, rcpt_tos: list[str], data: bytes) -> list[Result]:
+    async def send(
+        self, mail_from: str, rcpt_tos: list[str], data: bytes, *, requiretls: bool = False
+    ) -> list[Result]:
         """One transaction (MAIL FROM, RCPT TO each, DATA); one result per recipient, in order.
 
         Raises `StaleSession` when a reused session is found dead at RSET, before anything of
@@ -416,6 +439,9 @@ class Session:
         addresses = [mail_from, *(rcpt_tos[i] for i in wanted)]
         if utf8 and not (header_section.isascii() and all(a.isascii() for a in addresses)):
             params.append(b"SMTPUTF8")
+        if requiretls:
+            # RFC 8689 §4.2: passed on, so every later hop holds the message to TLS as well.
+            params.append(b"REQUIRETLS")
 
         try:
             if self._transactions:

@@ -41,6 +41,8 @@ class Job:
     is_bounce: bool
     sender_domain: str | None
     recipients: tuple[ClaimedRecipient, ...]
+    requiretls: bool = False  # RFC 8689: authenticated TLS to a REQUIRETLS server, or no delivery
+    tls_optional: bool = False  # "TLS-Required: No": may set recipient policies aside, if allowed
 
 
 def claim_due(conn: sqlite3.Connection, now: float, limit: int) -> list[Job]:
@@ -70,7 +72,8 @@ def claim_due(conn: sqlite3.Connection, now: float, limit: int) -> list[Job]:
             [(now, now, row["id"]) for row in rows],
         )
         msg = conn.execute(
-            "SELECT sender, data, created_at, is_bounce, sender_domain FROM messages WHERE id = ?",
+            "SELECT sender, data, created_at, is_bounce, sender_domain, requiretls, tls_optional"
+            " FROM messages WHERE id = ?",
             (group["message_id"],),
         ).fetchone()
         recipients = tuple(
@@ -93,6 +96,8 @@ def claim_due(conn: sqlite3.Connection, now: float, limit: int) -> list[Job]:
                 is_bounce=bool(msg["is_bounce"]),
                 sender_domain=msg["sender_domain"],
                 recipients=recipients,
+                requiretls=bool(msg["requiretls"]),
+                tls_optional=bool(msg["tls_optional"]),
             )
         )
     return jobs

@@ -44,6 +44,8 @@ class NewMessage:
     client_ip: str | None
     sender_domain: str | None
     is_bounce: bool = False
+    requiretls: bool = False  # MAIL FROM:<...> REQUIRETLS (RFC 8689)
+    tls_optional: bool = False  # a "TLS-Required: No" header, and no REQUIRETLS
 
 
 def enqueue(
@@ -52,7 +54,8 @@ def enqueue(
     message_id = message_id or new_message_id()
     conn.execute(
         "INSERT INTO messages (id, sender, auth_user, client_ip, sender_domain, size, data,"
-        " is_bounce, created_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
+        " is_bounce, requiretls, tls_optional, created_at)"
+        " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
         (
             message_id,
             message.sender,
@@ -62,6 +65,8 @@ def enqueue(
             len(message.data),
             message.data,
             int(message.is_bounce),
+            int(message.requiretls),
+            int(message.tls_optional),
             now,
         ),
     )

@@ -77,6 +77,8 @@ class _Refusal:
 class _Prepared:
     message: bytes
     """Signed, as it will be queued."""
+    tls_required_no: bool = False
+    """The message carries "TLS-Required: No" (RFC 8689 §4.2.1)."""
 
 
 class _OverLimit(Exception):
@@ -200,8 +202,12 @@ class SubmissionHandler:
         self, server: Any, session: Any, envelope: Any, hostname: str, responses: list[str]
     ) -> list[str]:
         session.host_name = hostname
-        # ENHANCEDSTATUSCODES goes just before the final "250 HELP" line.
-        return [*responses[:-1], "250-ENHANCEDSTATUSCODES", responses[-1]]
+        # ENHANCEDSTATUSCODES goes just before the final "250 HELP" line; REQUIRETLS (RFC 8689
+        # §4) only once the session is encrypted, since MAIL is refused before STARTTLS anyway.
+        ours = ["250-ENHANCEDSTATUSCODES"]
+        if getattr(server, "encrypted", False):
+            ours.append("250-REQUIRETLS")
+        return [*responses[:-1], *ours, responses[-1]]
 
     async def handle_MAIL(
         self, server: Any, session: Any, envelope: Any, address: str, options: list[str]
@@ -280,6 +286,17 @@ class SubmissionHandler:
         if isinstance(prepared, _Refusal):
             return self._refuse_data(session, envelope, prepared.reply)
         message = prepared.message
+        requiretls = bool(getattr(envelope, "requiretls", False))
+        if prepared.tls_required_no:
+            # Kept in the message, and in the log: by default it changes nothing, since this
+            # relay exists to enforce TLS (see [delivery.domains] honour_tls_required_no). With
+            # REQUIRETLS as well, RFC 8689 §4.1 says the header is ignored.
+            log.info(
+                "event=tls_required_no queue_id=%s user=%s ignored=%s",
+                queue_id,
+                login,
+                "requiretls" if requiretls else "unless-configured",
+            )
         new = queue.NewMessage(
             sender=envelope.mail_from,
             recipients=tuple(envelope.rcpt_tos),
@@ -287,6 +304,8 @@ class SubmissionHandler:
             auth_user=login,
             client_ip=session.peer[0] if session.peer else None,
             sender_domain=sender_domain,
+            requiretls=requiretls,
+            tls_optional=prepared.tls_required_no and not requiretls,
         )
         limited = self._limited
 
@@ -381,7 +400,9 @@ class SubmissionHandler:
         )
         if self.signer is not None:
             message = self.signer(message, signing_domain)
-        return _Prepared(message)
+        tls_required = section.all("TLS-Required")
+        no = any(f.unfolded().strip().lower() == "no" for f in tls_required)
+        return _Prepared(message, no)
 
     # ---- per-user rates and quotas ([limits]) ----------------------------------------------
 

@@ -10,6 +10,7 @@ import re
 
 NEED_STARTTLS = "530 5.7.0 Must issue a STARTTLS command first"
 AUTH_REQUIRED = "530 5.7.0 Authentication required"
+REQUIRETLS_VALUE = "501 5.5.4 REQUIRETLS takes no value"
 AUTH_FAILED = "535 5.7.8 Authentication credentials invalid"
 # RFC 4954 section 6: the password could not be checked (the store is down); try again later.
 AUTH_TEMPORARY_FAILURE = "454 4.7.0 Temporary authentication failure"

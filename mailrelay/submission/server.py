@@ -118,6 +118,7 @@ class SubmissionSMTP(SMTP):
                 loop=asyncio.get_running_loop(),
             )
         self._relay = server
+        self._implicit_tls = implicit_tls
         self._greeted = False
         self._in_ehlo = False
         self._auth_failures = 0
@@ -271,8 +272,25 @@ class SubmissionSMTP(SMTP):
         self._path_arg = arg
         if self._ready_for_path() and await self._bad_path(arg, "mail"):
             return
+        # REQUIRETLS (RFC 8689 §4.1) is ours to read: aiosmtpd refuses parameters it does not
+        # know (555) before any hook sees them.
+        requiretls = False
+        if arg is not None:
+            taken = _take_requiretls(arg)
+            if taken is None:
+                await self.push(replies.REQUIRETLS_VALUE)
+                return
+            arg, requiretls = taken
         await super().smtp_MAIL(arg)
         self.in_transaction = self.envelope is not None and self.envelope.mail_from is not None
+        if requiretls and self.envelope is not None and self.in_transaction:
+            # Read by the handler at DATA; a new transaction gets a new envelope.
+            setattr(self.envelope, "requiretls", True)  # noqa: B010 -- aiosmtpd's type has no such field
+
+    @property
+    def encrypted(self) -> bool:
+        """Whether the session is under TLS: from the first byte (465) or after STARTTLS."""
+        return self._implicit_tls or (self.session is not None and self.session.ssl is not None)
 
     async def smtp_RCPT(self, arg: str | None) -> None:
         self._path_arg = arg
@@ -408,6 +426,25 @@ class SubmissionSMTP(SMTP):
 
 # aiosmtpd's own refusals, by the stage they end ("address": MAIL or RCPT, decided at the time).
 _PATH = re.compile(r"<([^<>]*)>")
+
+
+def _take_requiretls(arg: str) -> tuple[str, bool] | None:
+    """`arg` without a REQUIRETLS parameter, and whether it had one; None if it had one with a
+    value (RFC 8689 §4.1: the parameter takes none)."""
+    path_end = arg.find(">") + 1
+    if path_end == 0:
+        return arg, False  # not a path aiosmtpd will accept: its refusal, not ours
+    kept, found = [], False
+    for param in arg[path_end:].split():
+        keyword = param.partition("=")[0].upper()
+        if keyword != "REQUIRETLS":
+            kept.append(param)
+        elif "=" in param:
+            return None
+        else:
+            found = True
+    return " ".join([arg[:path_end], *kept]), found
+
 
 _NATIVE_REFUSALS: dict[str, Stage | Literal["address"]] = {
     "552 Error: Too much mail data": "data",

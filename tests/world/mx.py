@@ -80,6 +80,8 @@ class Behaviour:
     rset_reply: str = "250 2.0.0 OK"
     # False: EHLO does not offer 8BITMIME (a 7-bit-only server, RFC 6152).
     eight_bit_mime: bool = True
+    # True: EHLO after STARTTLS offers REQUIRETLS (RFC 8689), and MAIL takes the parameter.
+    requiretls: bool = False
 
     @property
     def key_type(self) -> KeyType:
@@ -384,6 +386,8 @@ class MxServer(StreamServing):
         if self.behaviour.eight_bit_mime:
             lines.append("8BITMIME")
         lines.append("ENHANCEDSTATUSCODES")
+        if tls and self.behaviour.requiretls:
+            lines.append("REQUIRETLS")
         if not tls and self.behaviour.starttls is not Starttls.NOT_ADVERTISED:
             lines.append("STARTTLS")
         return "\n".join(f"250-{x}" for x in lines[:-1]) + f"\n250 {lines[-1]}"
