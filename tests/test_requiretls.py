@@ -19,6 +19,7 @@ from tests.conftest import Relay, RelayFactory, add_user, make_config
 from tests.test_delivery import BODY_MARKER, dsn_status, dsns, settled, untouched
 from tests.test_submission import MESSAGE, queued_id
 from tests.world import MODERN, World, tlsa_record
+from tests.world.https import policy_text, serve_policy
 from tests.world.mx import MxServer
 
 FIRST_ADDRESS = "127.0.96.1"  # this file's MX servers: 127.0.96.x
@@ -216,3 +217,36 @@ async def test_tls_required_no_relaxes_only_where_the_operator_allows(env: Env) 
     [row] = msg["recipients"]
     assert row["state"] == "deferred" and row["status"] == "4.7.5", row
     assert len(allowed.messages) == 1
+
+
+async def test_mta_sts_enforce_authenticates_and_testing_does_not(env: Env) -> None:
+    enforce = await env.world.add_mx("enforce.example", CAPABLE, hostname="mx.enforce.example")
+    testing = await env.world.add_mx("testing.example", CAPABLE, hostname="mx.testing.example")
+    first = await serve_policy(
+        env.world,
+        "enforce.example",
+        policy_text("enforce", ("mx.enforce.example",)),
+        address="127.0.98.1",
+    )
+    second = await serve_policy(
+        env.world,
+        "testing.example",
+        policy_text("testing", ("mx.testing.example",)),
+        address="127.0.98.2",
+        port=first.port,
+    )
+    try:
+        relay = await env.relay(mta_sts_port=first.port, mta_sts_timeout=2)
+        states = []
+        for rcpt in ("bob@enforce.example", "bob@testing.example"):
+            qid = await asyncio.to_thread(submit, relay, rcpt, requiretls=True)
+            msg = await settled(relay, qid, lambda r: r["state"] in ("sent", "bounced", "deferred"))
+            [row] = msg["recipients"]
+            states.append((row["state"], row["status"]))
+    finally:
+        await first.stop()
+        await second.stop()
+    assert states == [("sent", "2.0.0"), ("bounced", "5.7.30")]
+    [demanded] = mail_lines(enforce)
+    assert demanded.endswith(" REQUIRETLS")
+    assert testing.connections == []  # a testing policy authenticates nothing: not dialled
