@@ -12,10 +12,10 @@ import time
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import cast
 
 from mailrelay import dkim, domains
 from mailrelay.config import Config
+from mailrelay.signing import signing_key
 from mailrelay.store import accounts
 from mailrelay.store.queue import transaction
 
@@ -86,11 +86,6 @@ def key_owner(config: Config, environ: dict[str, str] | None = None) -> dkim.Own
     )
 
 
-def _to_dkim(key: accounts.StoredKey) -> dkim.DkimKey:
-    algorithm = cast(dkim.SignatureAlgorithm, key.algorithm)
-    return dkim.DkimKey(key.selector, algorithm, key.private_key_path, key.public_record)
-
-
 def add(
     conn: sqlite3.Connection,
     config: Config,
@@ -142,7 +137,7 @@ def _expected(
 ) -> list[domains.Record]:
     return domains.expected_records(
         domain.name,
-        [_to_dkim(k) for k in keys],
+        [signing_key(k) for k in keys],
         spf_mechanisms=config.spf_mechanisms,
         dmarc_rua=config.records.dmarc_rua,
     )

@@ -28,16 +28,13 @@ class Signer:
             # hand: a domain added by the CLI always has a key.
             log.warning("event=unsigned domain=%s reason=no_active_key", domain)
             return message
-        keys = [
-            dkim.DkimKey(
-                k.selector,
-                cast(dkim.SignatureAlgorithm, k.algorithm),
-                k.private_key_path,
-                k.public_record,
-            )
-            for k in stored
-        ]
-        return dkim.sign(message, domain=domain, keys=keys)
+        return dkim.sign(message, domain=domain, keys=[signing_key(k) for k in stored])
+
+
+def signing_key(key: accounts.StoredKey) -> dkim.DkimKey:
+    """A key as the store keeps it, as the signer takes it."""
+    algorithm = cast(dkim.SignatureAlgorithm, key.algorithm)
+    return dkim.DkimKey(key.selector, algorithm, key.private_key_path, key.public_record)
 
 
 def authentication_results(hostname: str, user: str) -> str:

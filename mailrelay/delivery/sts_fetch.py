@@ -192,7 +192,7 @@ async def fetch_policy_text(
         async with asyncio.timeout(time_limit):
             addresses = await _addresses(resolver, host)
             try:
-                context = _tls_context(ca_file, mtime(ca_file))
+                context = https_context(ca_file, mtime(ca_file))
             except (OSError, ssl.SSLError) as exc:
                 raise StsFailure(
                     "sts-policy-fetch-error", f"cannot load trust anchors {ca_file!r}: {exc}"
@@ -245,7 +245,8 @@ async def _addresses(resolver: dns.asyncresolver.Resolver, host: str) -> tuple[s
 
 
 @functools.lru_cache(maxsize=8)
-def _tls_context(ca_file: str, _mtime_ns: int) -> ssl.SSLContext:
+def https_context(ca_file: str, _mtime_ns: int) -> ssl.SSLContext:
+    """The client context of our HTTPS requests (MTA-STS policies, TLS-RPT reports)."""
     # The same trust as certificate verification under "verify": the system's roots plus the
     # configured extra anchors. The modification time is part of the cache key so that a
     # replaced ca_file is read again. Hostname checking is on (the default).

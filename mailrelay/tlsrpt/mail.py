@@ -17,9 +17,9 @@ import datetime as dt
 import secrets
 import sqlite3
 from email.utils import format_datetime
-from typing import cast
 
 from mailrelay import dkim
+from mailrelay.signing import signing_key
 from mailrelay.store import accounts
 from mailrelay.store.queue import NewMessage
 from mailrelay.tlsrpt.report import Identity
@@ -107,15 +107,7 @@ def sign(conn: sqlite3.Connection, message: bytes, from_address: str) -> bytes:
             f"no active DKIM key for {domain} (tlsrpt.from_address {from_address}):"
             " RFC 8460 reports by mail must be DKIM-signed; use an address at one of our domains"
         )
-    keys = [
-        dkim.DkimKey(
-            k.selector,
-            cast(dkim.SignatureAlgorithm, k.algorithm),
-            k.private_key_path,
-            k.public_record,
-        )
-        for k in stored
-    ]
+    keys = [signing_key(k) for k in stored]
     try:
         return dkim.sign(message, domain=domain, keys=keys)
     except (OSError, ValueError) as exc:

@@ -11,7 +11,6 @@ would go with it).
 from __future__ import annotations
 
 import asyncio
-import functools
 import ipaddress
 import ssl
 import urllib.parse
@@ -22,6 +21,7 @@ import dns.resolver
 import httpx
 
 from mailrelay.delivery.certificates import mtime
+from mailrelay.delivery.sts_fetch import https_context
 
 CONTENT_TYPE = "application/tlsrpt+gzip"
 
@@ -44,7 +44,7 @@ async def post(
     port = parts.port or 443
     target = urllib.parse.urlunsplit(("", "", parts.path or "/", parts.query, ""))
     try:
-        context = _tls_context(ca_file, mtime(ca_file))
+        context = https_context(ca_file, mtime(ca_file))
     except (OSError, ssl.SSLError) as exc:
         raise PostFailed(f"cannot load trust anchors {ca_file!r}: {exc}") from None
     try:
@@ -86,17 +86,6 @@ async def _addresses(resolver: dns.asyncresolver.Resolver, host: str) -> list[st
     if not found:
         raise PostFailed(f"no address for {host}: {'; '.join(problems) or 'no A or AAAA records'}")
     return found
-
-
-@functools.lru_cache(maxsize=8)
-def _tls_context(ca_file: str, _mtime_ns: int) -> ssl.SSLContext:
-    # System roots plus the configured anchors, host names checked; the file's modification
-    # time is in the cache key so that a replaced ca_file is read again.
-    context = ssl.create_default_context(ssl.Purpose.SERVER_AUTH)
-    context.minimum_version = ssl.TLSVersion.TLSv1_2
-    if ca_file:
-        context.load_verify_locations(cafile=ca_file)
-    return context
 
 
 async def _post_to(
