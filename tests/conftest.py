@@ -7,7 +7,7 @@ import smtplib
 import socket
 import ssl
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -149,6 +149,17 @@ def add_user(cfg: Config, address: str, password: str = PASSWORD, *, valid: bool
 
 
 RelayFactory = Callable[..., Awaitable[Relay]]
+
+
+@pytest.fixture
+def notify_socket(tmp_path: Path) -> Iterator[socket.socket]:
+    """Where `mailrelay serve`, started with NOTIFY_SOCKET naming it, says READY=1 and
+    STOPPING=1, as it would to systemd."""
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+    sock.bind(str(tmp_path / "notify.sock"))
+    sock.settimeout(30)
+    yield sock
+    sock.close()
 
 
 @pytest.fixture

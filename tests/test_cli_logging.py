@@ -15,7 +15,6 @@ import socket
 import ssl
 import subprocess
 import sys
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -25,15 +24,6 @@ from tests.test_service import cli
 from tests.test_submission import MESSAGE
 
 run = asyncio.to_thread
-
-
-@pytest.fixture
-def notify_socket(tmp_path: Path) -> Iterator[socket.socket]:
-    sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
-    sock.bind(str(tmp_path / "notify.sock"))
-    sock.settimeout(30)
-    yield sock
-    sock.close()
 
 
 def config_with(tmp_path: Path, *, log_format: str = "kv") -> tuple[Path, int, int]:

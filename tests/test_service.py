@@ -11,7 +11,6 @@ import subprocess
 import sys
 import time
 import urllib.request
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -33,15 +32,6 @@ def cli(config: Path, *args: str, stdin: str | None = None) -> subprocess.Comple
         timeout=60,
         check=False,
     )
-
-
-@pytest.fixture
-def notify_socket(tmp_path: Path) -> Iterator[socket.socket]:
-    sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
-    sock.bind(str(tmp_path / "notify.sock"))
-    sock.settimeout(30)
-    yield sock
-    sock.close()
 
 
 def start(config: Path, notify: socket.socket) -> subprocess.Popen[bytes]:
