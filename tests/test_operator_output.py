@@ -30,10 +30,8 @@ from mailrelay.submission.handler import UserLimit
 from mailrelay.submission.server import LimitName
 from tests.conftest import Relay, RelayFactory, free_port, write_config_file
 from tests.test_delivery import settled, start_relay, submit
-from tests.test_service import notify_socket, scrape, start
+from tests.test_service import scrape, start
 from tests.world import MODERN, World
-
-__all__ = ["notify_socket"]  # the fixture, used by name below
 
 run = asyncio.to_thread
 UNIT = Path(__file__).parent.parent / "systemd" / "mailrelay.service"

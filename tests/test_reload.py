@@ -28,10 +28,8 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from mailrelay.submission.tls import ensure_self_signed
 from tests.conftest import PASSWORD, Relay, free_port, write_config_file
-from tests.test_service import notify_socket, scrape, setup_user
+from tests.test_service import scrape, setup_user
 from tests.test_submission import MESSAGE, queued_id, send_raw
-
-__all__ = ["notify_socket"]  # the fixture, used by name below
 
 run = asyncio.to_thread
 EXPIRY = "mailrelay_tls_certificate_expiry_timestamp_seconds"
