@@ -33,8 +33,10 @@ from mailrelay.cli_accounts import (
     user_modify,
     user_passwd,
 )
+from mailrelay.cli_apikeys import register as register_apikeys
 from mailrelay.cli_output import EXIT_CONFIG, ConfigProblem, UserError, open_existing_db
 from mailrelay.cli_queue import log, queue_delete, queue_list, queue_retry, queue_show, tls_check
+from mailrelay.cli_suppression import suppression_add, suppression_list, suppression_remove
 from mailrelay.cli_tlsrpt import tlsrpt_list, tlsrpt_send_now, tlsrpt_show
 from mailrelay.config import Config, ConfigError
 from mailrelay.store import accounts, events
@@ -143,6 +145,21 @@ def _parser() -> argparse.ArgumentParser:
     one.add_argument("id", help="the report's id, or its report-id")
     one.add_argument("--raw", action="store_true", help="as sent, not indented")
     cmd(rpt, "send-now", tlsrpt_send_now, "make every finished day's reports and send them")
+    register_apikeys(sub)
+
+    sup = sub.add_parser(
+        "suppression", help="addresses a sending domain no longer mails (hard bounces)"
+    ).add_subparsers(dest="action", required=True, metavar="ACTION")
+    one = _json(cmd(sup, "list", _existing_db(suppression_list), "suppressed addresses"))
+    one.add_argument("--domain", metavar="D", help="only this sending domain's")
+    one = cmd(sup, "add", suppression_add, "stop a sending domain of ours mailing an address")
+    one.add_argument("domain")
+    one.add_argument("address")
+    one.add_argument("--reason", metavar="TEXT", help="shown in the refusal")
+    one.add_argument("--expires", metavar="DURATION", help="e.g. 30d, 12h; default and 0: never")
+    one = cmd(sup, "remove", suppression_remove, "let a sending domain mail an address again")
+    one.add_argument("domain")
+    one.add_argument("address")
 
     q = sub.add_parser("queue", help="the delivery queue").add_subparsers(
         dest="action", required=True, metavar="ACTION"

@@ -192,8 +192,35 @@ class TlsRptConfig:
 
 
 @dataclass(frozen=True)
+class SuppressionConfig:
+    """The suppression list (README, "Suppression list"): a hard bounce (unknown user, no such
+    domain, mailbox disabled) stops the sending domain from mailing that address again for
+    `expiry` seconds (0: for good); submission refuses it at RCPT with 550 5.7.1."""
+
+    enabled: bool = True
+    expiry: float = 30 * 86400.0  # 0: never expires
+
+
+@dataclass(frozen=True)
 class MetricsConfig:
     listen: ListenAddress | None = ListenAddress("127.0.0.1", 9187)
+
+
+@dataclass(frozen=True)
+class ApiConfig:
+    # The HTTP API (issue 15): loopback by default; anywhere else it speaks HTTPS only, with the
+    # submission certificate. None: off.
+    listen: ListenAddress | None = ListenAddress("127.0.0.1", 8025)
+
+    @property
+    def tls(self) -> bool:
+        """Whether the listener needs TLS: every address but a loopback one."""
+        if self.listen is None:
+            return False
+        try:
+            return not ipaddress.ip_address(self.listen.host).is_loopback
+        except ValueError:
+            return self.listen.host.lower() != "localhost"
 
 
 @dataclass(frozen=True)
@@ -214,7 +241,9 @@ class Config:
     records: RecordsConfig = RecordsConfig()
     limits: LimitsConfig = LimitsConfig()
     tlsrpt: TlsRptConfig = TlsRptConfig()
+    suppression: SuppressionConfig = SuppressionConfig()
     metrics: MetricsConfig = MetricsConfig()
+    api: ApiConfig = ApiConfig()
     log: LogConfig = LogConfig()
 
     @property
@@ -356,12 +385,24 @@ def parse(raw: dict[str, Any], *, base_dir: Path) -> Config:
 
     tlsrpt = _tlsrpt(top.table("tlsrpt"))
 
+    sup_t = top.table("suppression")
+    suppression = SuppressionConfig(
+        enabled=sup_t.boolean("enabled", SuppressionConfig.enabled),
+        expiry=sup_t.duration("expiry", SuppressionConfig.expiry, zero=True),
+    )
+    sup_t.done()
+
     met_t = top.table("metrics")
     metrics_listen = met_t.string("listen", "127.0.0.1:9187")
     metrics = MetricsConfig(
         listen=_listen("metrics.listen", metrics_listen) if metrics_listen else None
     )
     met_t.done()
+
+    api_t = top.table("api")
+    api_listen = api_t.string("listen", "127.0.0.1:8025")
+    api = ApiConfig(listen=_listen("api.listen", api_listen) if api_listen else None)
+    api_t.done()
 
     log_t = top.table("log")
     log = LogConfig(
@@ -380,7 +421,9 @@ def parse(raw: dict[str, Any], *, base_dir: Path) -> Config:
         records=records,
         limits=limits,
         tlsrpt=tlsrpt,
+        suppression=suppression,
         metrics=metrics,
+        api=api,
         log=log,
     )
 
@@ -449,20 +492,16 @@ class _Table:
             raise ConfigError(f"{self.key(key)}: {value!r} is out of range ({bounds})")
         return value
 
-    def duration(self, key: str, default: float) -> float:
-        """A number of seconds, or a string such as "90s", "5m", "5d"."""
+    def duration(self, key: str, default: float, *, zero: bool = False) -> float:
+        """A number of seconds, or a string such as "90s", "5m", "5d" (`zero`: 0 allowed too)."""
         value = self._take(key)
         if value is None:
             return default
-        if isinstance(value, (int, float)) and not isinstance(value, bool) and value > 0:
-            return float(value)
-        if isinstance(value, str) and (m := _DURATION.fullmatch(value.strip())):
-            seconds = float(m.group(1)) * _UNITS[m.group(2)]
-            if seconds > 0:
-                return seconds
-        raise ConfigError(
-            f'{self.key(key)}: {value!r} is not a positive duration (e.g. 30, "90s", "5m", "5d")'
-        )
+        seconds = parse_duration(value, zero=zero)
+        if seconds is None:
+            what = "a duration (0 or more, e.g." if zero else "a positive duration (e.g."
+            raise ConfigError(f'{self.key(key)}: {value!r} is not {what} 30, "90s", "5m", "5d")')
+        return seconds
 
     def choice(self, key: str, allowed: Any, default: Any) -> Any:
         value = self._take(key)
@@ -478,6 +517,20 @@ class _Table:
         unknown = sorted(set(self.raw) - self._seen)
         if unknown:
             raise ConfigError(f"{self.key(unknown[0])}: unknown key")
+
+
+def parse_duration(value: object, *, zero: bool = False) -> float | None:
+    """Seconds from a number or a string such as "90s", "5m", "30d" (no unit: seconds), or None
+    if `value` is none of these. Positive only, unless `zero` lets 0 through (it means "never"
+    where a key says so)."""
+    seconds: float | None = None
+    if isinstance(value, (int, float)) and not isinstance(value, bool):
+        seconds = float(value)
+    elif isinstance(value, str) and (m := _DURATION.fullmatch(value.strip())):
+        seconds = float(m.group(1)) * _UNITS[m.group(2)]
+    if seconds is None or seconds < 0 or (seconds == 0 and not zero) or seconds != seconds:
+        return None
+    return seconds
 
 
 def _is_hostname(name: str) -> bool:

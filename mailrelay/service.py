@@ -13,6 +13,8 @@ import threading
 import time
 
 from mailrelay import signing
+from mailrelay.api.app import ApiServer
+from mailrelay.api.context import ApiContext
 from mailrelay.config import Config
 from mailrelay.delivery.courier import SmtpCourier
 from mailrelay.delivery.mta_sts import StoreStsCache
@@ -58,6 +60,7 @@ class Service:
             on_rejected=self._rejected,
             limits=config.limits,
             on_limit=lambda limit: self.metrics.smtpd_limit_refusals.labels(limit=limit).inc(),
+            suppression=config.suppression.enabled,
         )
         checker = PasswordChecker(
             lambda login: self.store.read(lambda c: accounts.password_hash(c, login))
@@ -78,6 +81,12 @@ class Service:
             self.delivery = InlineDelivery(config, self.store, self.metrics, self.queue_changed)
         self.metrics.tls_certificate_expiry.set(self.submission.tls.not_after)
         self.metrics_server = MetricsServer(self.metrics, config.metrics.listen)
+        # The HTTP API (`[api] listen`; "" turns it off) shares submission's checks and signer.
+        self.api: ApiServer | None = None
+        if config.api.listen is not None:
+            self.api = ApiServer(
+                ApiContext(config, self.store, handler.acceptor, self.queue_changed.set)
+            )
         self._snapshot_conn: sqlite3.Connection | None = None
         self._snapshot_lock = threading.Lock()
         self._stopped = False
@@ -119,6 +128,8 @@ class Service:
             else:
                 await self.delivery.start()
             await self.submission.start()
+            if self.api is not None:
+                await self.api.start()
         except BaseException:
             await self.stop(announce=False)
             raise
@@ -132,6 +143,8 @@ class Service:
         if announce:
             sd_notify("STOPPING=1")
             log.info("event=stopping")
+        if self.api is not None:
+            await self.api.stop()
         await self.submission.stop()
         if self.delivery is not None:
             await self.delivery.stop()

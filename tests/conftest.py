@@ -82,6 +82,8 @@ def make_config(tmp_path: Path, **sections: dict[str, Any]) -> Config:
         "storage": {"path": str(tmp_path / "queue.sqlite3")},
         "dkim": {"key_dir": str(tmp_path / "dkim"), "rsa_bits": 1024},
         "metrics": {"listen": f"127.0.0.1:{free_port()}"},
+        # The HTTP API's default port is fixed (8025): off, unless a test of the API gives one.
+        "api": {"listen": ""},
         # Never the real Internet: a loopback port and nameserver where nothing answers. Tests
         # of delivery replace these with their world; tests of submission hold the queue.
         "delivery": {
@@ -129,6 +131,8 @@ key_dir = "dkim"
 rsa_bits = 1024
 [metrics]
 listen = "127.0.0.1:{metrics_port or free_port()}"
+[api]
+listen = ""
 [delivery]
 {delivery}
 {extra}"""

@@ -97,6 +97,8 @@ algorithm = "{algorithm}"
 rsa_bits = 1024  # 2048 by default (see test_onboarding_functions.py); 1024 keeps tests fast
 [metrics]
 listen = "127.0.0.1:{free_port()}"
+[api]
+listen = ""
 [delivery]
 hold = false
 port = {smtp_port}

@@ -25,7 +25,7 @@ from mailrelay.delivery.bounce import bounce_for
 from mailrelay.delivery.courier import Courier
 from mailrelay.delivery.result import Insecure, Kind, Result
 from mailrelay.metrics import Metrics
-from mailrelay.store import Store, accounts, claims, queue
+from mailrelay.store import Store, accounts, claims, queue, suppressions
 from mailrelay.store import tlsrpt as tlsrpt_store
 from mailrelay.store.claims import ClaimedRecipient, Job, RecipientUpdate
 from mailrelay.store.writer import StoreClosed
@@ -267,9 +267,12 @@ class QueueRunner:
             notify = domain.notify if domain else None
         dsn = bounce_for(self.config, job, bounced, notify, insecure) if bounced else None
         now = self.clock()
+        suppression = self.config.suppression
 
         def commit(conn: sqlite3.Connection) -> str | None:
             claims.record(conn, job.message_id, updates, now)
+            if bounced and suppression.enabled:  # a hard bounce stops the sending domain
+                suppressions.add_from_bounces(conn, job, bounced, now, suppression.expiry)
             # TLS-RPT counts this attempt's sessions, in the same commit as their outcome. A
             # report's own delivery is never reported on (RFC 8460 §5.3: no report loops).
             if reports and not tlsrpt_store.is_report_message(conn, job.message_id):

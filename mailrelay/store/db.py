@@ -211,6 +211,44 @@ MIGRATIONS: tuple[str, ...] = (
     );
     CREATE INDEX tlsrpt_deliveries_state ON tlsrpt_deliveries(state, next_attempt_at);
     """,
+    # 8: HTTP API keys (issue 15): only the SHA-256 of each random token is kept. An answer to a
+    # request with an Idempotency-Key is kept with the request's hash, per key, committed with
+    # the message it queued, so that a retry gets the same answer and queues nothing twice.
+    """
+    CREATE TABLE api_keys (
+        id TEXT PRIMARY KEY,
+        domain TEXT NOT NULL,
+        scope TEXT NOT NULL CHECK (scope IN ('send', 'read', 'manage')),
+        token_sha256 TEXT NOT NULL UNIQUE,
+        created_at REAL NOT NULL,
+        revoked_at REAL
+    );
+    CREATE TABLE api_idempotency (
+        key_id TEXT NOT NULL REFERENCES api_keys(id) ON DELETE CASCADE,
+        idempotency_key TEXT NOT NULL,
+        request_sha256 TEXT NOT NULL,
+        status INTEGER NOT NULL,
+        response TEXT NOT NULL,               -- the JSON answered
+        created_at REAL NOT NULL,
+        PRIMARY KEY (key_id, idempotency_key)
+    ) WITHOUT ROWID;
+    """,
+    # 9: the suppression list (store/suppressions.py): a recipient address one of our sending
+    # domains no longer mails, after a hard bounce or by hand, until expires_at (NULL: never).
+    # Keyed by (sending domain, address) so that the RCPT check is one primary-key lookup.
+    """
+    CREATE TABLE suppressions (
+        domain TEXT NOT NULL,                 -- the sending domain, lowercase
+        address TEXT NOT NULL,                -- the recipient, lowercase
+        reason TEXT NOT NULL,                 -- one printable line, e.g. '550 5.1.1 user unknown'
+        source TEXT NOT NULL CHECK (source IN ('bounce', 'manual')),
+        message_id TEXT,                      -- the message whose bounce added it
+        created_at REAL NOT NULL,
+        expires_at REAL,
+        PRIMARY KEY (domain, address)
+    ) WITHOUT ROWID;
+    CREATE INDEX suppressions_expires ON suppressions(expires_at);
+    """,
 )
 
 

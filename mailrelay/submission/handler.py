@@ -3,10 +3,8 @@
 from __future__ import annotations
 
 import asyncio
-import email.utils
 import functools
 import logging
-import re
 import sqlite3
 import time
 from collections.abc import Callable
@@ -14,47 +12,34 @@ from dataclasses import dataclass
 from typing import Any, Literal
 
 from mailrelay.config import LimitsConfig, SubmissionConfig
-from mailrelay.store import Store, accounts, events, queue, senders, usage
+from mailrelay.store import Store, accounts, events, queue, senders, suppressions, usage
 from mailrelay.store.writer import StoreClosed
-from mailrelay.submission import headers, replies
-from mailrelay.submission.message import add_submission_headers
+from mailrelay.submission import replies
+from mailrelay.submission.accept import NOT_A_SENDER as NOT_A_SENDER
+from mailrelay.submission.accept import NUL_IN_DATA as NUL_IN_DATA
+from mailrelay.submission.accept import (
+    Acceptor,
+    Prepared,
+    Principal,
+    Refusal,
+    SignFunction,
+    sender_refusal,
+)
+from mailrelay.submission.accept import split_address as split_address
 
 log = logging.getLogger("mailrelay.submission")
 
-SignFunction = Callable[[bytes, str], bytes]
-"""(message, sending domain) -> the message with DKIM-Signature headers. Blocking: it is run in
-a worker thread with the rest of the message's work."""
+# NOT_A_SENDER, NUL_IN_DATA, SignFunction and split_address are imported from here by other
+# modules: they moved to `accept` with the checks that both SMTP and the HTTP API apply.
 
-_BARE_LINE_ENDING = re.compile(rb"\r(?!\n)|(?<!\r)\n")
-_DOMAIN = re.compile(r"(?=.{1,253}$)([a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?\.)+[a-z]{2,63}")
-_LOCAL = re.compile(r"[A-Za-z0-9!#$%&'*+/=?^_`{|}~.-]{1,64}")
-_NOT_PRINTABLE = re.compile(r"[^\x21-\x7e]")
-
-# The per-user policy's replies (they join the others in `replies` once that module's present
-# edits have landed). An address named in a reply is shown printable and at most 256 characters.
-NOT_A_SENDER = "553 5.7.1 <{address}>: not a sender {user} may use"
-NUL_IN_DATA = "554 5.6.0 Message refused: NUL character in DATA (RFC 5322 section 2.3, RFC 6152)"
 # {limit} is "2 messages", "1 recipient"; {seconds} "41 seconds".
 TOO_MANY_MESSAGES = "451 4.7.1 {user}: more than {limit} a minute; try again in {seconds}"
 TOO_MANY_RECIPIENTS_IN = "452 4.5.3 {user}: more than {limit} {window}; try again in {seconds}"
+# A recipient on the sending domain's suppression list; {why} is `Suppression.describe()`.
+SUPPRESSED = "550 5.7.1 <{address}>: {why}; mailrelay suppression remove {domain} {address}"
 
 UserLimit = Literal["messages_per_minute", "recipients_per_hour", "recipients_per_day"]
 """The [limits] on one user's sending, as `smtpd_limit_refusals{limit}` names them."""
-
-
-def split_address(address: str) -> tuple[str, str] | None:
-    """'alice@Example.org' -> ('alice', 'example.org'), or None if it is not a routable address.
-
-    Stricter than RFC 5321 on purpose: quoted local parts and address literals are legal but
-    are never what a submission client of ours means, and they complicate every later step.
-    """
-    local, at, domain = address.rpartition("@")
-    domain = domain.lower()
-    if not at or not _LOCAL.fullmatch(local) or not _DOMAIN.fullmatch(domain):
-        return None
-    if local.startswith(".") or local.endswith(".") or ".." in local:
-        return None
-    return local, domain
 
 
 Stage = Literal["mail", "rcpt", "data"]
@@ -66,19 +51,6 @@ def authenticated_user(session: Any) -> str:
     LoginPassword with the login only (see SubmissionSMTP._check): no password is kept."""
     login = getattr(getattr(session, "auth_data", None), "login", None) or b""
     return bytes(login).decode("utf-8", "replace").lower()
-
-
-@dataclass(frozen=True)
-class _Refusal:
-    reply: str
-
-
-@dataclass(frozen=True)
-class _Prepared:
-    message: bytes
-    """Signed, as it will be queued."""
-    tls_required_no: bool = False
-    """The message carries "TLS-Required: No" (RFC 8689 §4.2.1)."""
 
 
 class _OverLimit(Exception):
@@ -112,6 +84,7 @@ class SubmissionHandler:
         on_rejected: Callable[[str], None] | None = None,
         limits: LimitsConfig | None = None,
         on_limit: Callable[[UserLimit], None] | None = None,
+        suppression: bool = True,
     ) -> None:
         self.config = config
         # None: no per-user rates or quotas (the service always passes its [limits]).
@@ -119,14 +92,23 @@ class SubmissionHandler:
             messages_per_minute=0, recipients_per_hour=0, recipients_per_day=0
         )
         self.on_limit = on_limit
+        self.suppression = suppression  # [suppression] enabled: refuse suppressed recipients
         self.hostname = hostname
         self.store = store
-        self.signer = signer
+        self.acceptor = Acceptor(config, hostname, store, signer)
         self.on_queued = on_queued
         self.authentication_results_for = authentication_results_for
         self.on_accepted = on_accepted
         self.on_rejected = on_rejected
         self._writes: set[asyncio.Future[None]] = set()
+
+    @property
+    def signer(self) -> SignFunction | None:
+        return self.acceptor.signer
+
+    @signer.setter
+    def signer(self, signer: SignFunction | None) -> None:
+        self.acceptor.signer = signer
 
     def refuse(
         self,
@@ -227,7 +209,7 @@ class SubmissionHandler:
             )
 
         found = await self.store.read(facts)
-        refusal = _sender_refusal(found.send_as, address, foreign=replies.SENDER_NOT_OWNED)
+        refusal = sender_refusal(found.send_as, address, foreign=replies.SENDER_NOT_OWNED)
         if refusal is not None:
             return self.refuse(session, envelope, refusal, "mail", [], address)
         domain = found.domain
@@ -257,6 +239,14 @@ class SubmissionHandler:
             return self.refuse(session, envelope, replies.BAD_ADDRESS, "rcpt", [address])
         if len(envelope.rcpt_tos) >= self.config.max_recipients:
             return self.refuse(session, envelope, replies.TOO_MANY_RECIPIENTS, "rcpt", [address])
+        if self.suppression:
+            sender_domain = envelope.mail_from.rpartition("@")[2]
+            now = time.time()
+            entry = await self.store.read(
+                lambda c: suppressions.lookup(c, sender_domain, address, now)
+            )
+            if entry is not None:
+                return self.refuse(session, envelope, suppressed(entry), "rcpt", [address])
         used: usage.Usage | None = getattr(envelope, "usage", None)
         if used is not None:
             # Counting this transaction's recipients so far, each once, as they will be queued.
@@ -283,7 +273,7 @@ class SubmissionHandler:
         prepared = await asyncio.to_thread(
             self._prepare, envelope.original_content, login, sender_domain, queue_id, now
         )
-        if isinstance(prepared, _Refusal):
+        if isinstance(prepared, Refusal):
             return self._refuse_data(session, envelope, prepared.reply)
         message = prepared.message
         requiretls = bool(getattr(envelope, "requiretls", False))
@@ -347,62 +337,15 @@ class SubmissionHandler:
 
     def _prepare(
         self, data: bytes, login: str, sender_domain: str, queue_id: str, now: float
-    ) -> _Prepared | _Refusal:
+    ) -> Prepared | Refusal:
         """The message as it will be queued, or why DATA is refused. Runs in a worker thread."""
-        if _BARE_LINE_ENDING.search(data):
-            # SMTP smuggling: a bare LF or CR may be read as a line end by the next hop, which
-            # would then see a second message hidden in this one. Refuse the whole DATA.
-            return _Refusal(replies.BARE_LINE_ENDING)
-        if b"\0" in data:
-            # RFC 5322 section 2.3 and RFC 6152 allow no NUL, not even in an 8-bit body; many
-            # programs after us would cut the message short there.
-            return _Refusal(NUL_IN_DATA)
-        try:
-            section = headers.read(data)
-        except headers.HeaderError as exc:
-            return _Refusal(exc.reply)
-        data = section.message
-        from_fields = section.all("From")
-        if len(from_fields) != 1:
-            return _Refusal(replies.FROM_MISSING)
-        send_as = self.store.read_blocking(lambda c: senders.send_as(c, login))
-        # Every address of From: (and below, of each Sender:) as email.utils reads them: on a
-        # malformed field it yields more, and emptier, addresses than a lenient reader would.
-        authors = [a for _, a in email.utils.getaddresses([from_fields[0].unfolded()])]
-        if not authors:
-            return _Refusal(replies.FROM_NOT_OWNED)
-        for address in authors:
-            refusal = _sender_refusal(send_as, address, foreign=replies.FROM_NOT_OWNED)
-            if refusal is not None:
-                return _Refusal(refusal)
-        for field in section.all("Sender"):
-            for _, address in email.utils.getaddresses([field.unfolded()]) or [("", "")]:
-                refusal = _sender_refusal(send_as, address, foreign=None)
-                if refusal is not None:
-                    return _Refusal(refusal)
-        # DMARC aligns on the From: domain, so that is the domain that signs. It differs from
-        # the envelope's (checked at MAIL) only under a grant for another of our domains.
-        signing_domain = authors[0].rpartition("@")[2].lower()
-        if signing_domain != sender_domain:
-            domain = self.store.read_blocking(lambda c: accounts.get_domain(c, signing_domain))
-            if domain is None or (
-                domain.state != "valid" and not self.config.allow_unverified_domains
-            ):
-                return _Refusal(replies.DOMAIN_NOT_VERIFIED.format(domain=signing_domain))
-        message = add_submission_headers(
-            data,
-            hostname=self.hostname,
-            queue_id=queue_id,
-            now=now,
+        principal = Principal(
+            send_as=lambda: self.store.read_blocking(lambda c: senders.send_as(c, login)),
             authentication_results=self.authentication_results_for(login)
             if self.authentication_results_for
             else None,
         )
-        if self.signer is not None:
-            message = self.signer(message, signing_domain)
-        tls_required = section.all("TLS-Required")
-        no = any(f.unfolded().strip().lower() == "no" for f in tls_required)
-        return _Prepared(message, no)
+        return self.acceptor.prepare(data, principal, sender_domain, queue_id, now)
 
     # ---- per-user rates and quotas ([limits]) ----------------------------------------------
 
@@ -467,17 +410,13 @@ class _MailFacts:
     used: usage.Usage | None
 
 
-def _sender_refusal(send_as: senders.SendAs, address: str, *, foreign: str | None) -> str | None:
-    """Why the user may not send as `address`, or None if they may. An address outside the
-    user's own domain that no grant covers gets `foreign` where given (the refusal that was there
-    before per-user grants); every other one is named."""
-    if send_as.allows(address):
-        return None
-    own_domain = send_as.user.rpartition("@")[2]
-    if foreign is not None and (split_address(address) or ("", ""))[1] != own_domain:
-        return foreign
-    shown = _NOT_PRINTABLE.sub("?", address)[:256]
-    return NOT_A_SENDER.format(address=shown, user=send_as.user)
+def suppressed(entry: suppressions.Suppression) -> str:
+    """The RCPT refusal for a suppressed recipient: one line (the reason is kept printable and
+    short), within RFC 5321's 512 octets even for the longest addresses."""
+    reply = SUPPRESSED.format(address=entry.address, why=entry.describe(), domain=entry.domain)
+    if len(reply) > 510:
+        reply = f"550 5.7.1 <{entry.address}>: {entry.describe()}"[:510]
+    return reply
 
 
 def _counted(n: int, noun: str) -> str:
