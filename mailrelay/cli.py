@@ -38,6 +38,7 @@ from mailrelay.cli_output import EXIT_CONFIG, ConfigProblem, UserError, open_exi
 from mailrelay.cli_queue import log, queue_delete, queue_list, queue_retry, queue_show, tls_check
 from mailrelay.cli_suppression import suppression_add, suppression_list, suppression_remove
 from mailrelay.cli_tlsrpt import tlsrpt_list, tlsrpt_send_now, tlsrpt_show
+from mailrelay.cli_webhooks import register as register_webhooks
 from mailrelay.config import Config, ConfigError
 from mailrelay.store import accounts, events
 
@@ -146,6 +147,7 @@ def _parser() -> argparse.ArgumentParser:
     one.add_argument("--raw", action="store_true", help="as sent, not indented")
     cmd(rpt, "send-now", tlsrpt_send_now, "make every finished day's reports and send them")
     register_apikeys(sub)
+    register_webhooks(sub)
 
     sup = sub.add_parser(
         "suppression", help="addresses a sending domain no longer mails (hard bounces)"

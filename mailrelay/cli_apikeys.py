@@ -13,17 +13,19 @@ from mailrelay.store.queue import transaction
 
 
 def apikey_add(cfg: Config, args: argparse.Namespace) -> int:
-    domain = args.domain.lower().rstrip(".")
+    domains = apikeys.normalize_domains(args.domain)
     try:
         conn = open_existing_db(cfg)
     except NoDatabase:
-        raise accounts.NotFound(f"no domain {domain}") from None
+        raise accounts.NotFound(f"no domain {domains[0]}") from None
     with transaction(conn):
-        key, token = apikeys.add(conn, domain, args.scope, time.time())
+        key, token = apikeys.add(
+            conn, domains, args.scope, time.time(), new_domains=args.new_domain
+        )
     if args.json:
         print_json({**key.to_json(), "token": token})
         return 0
-    print(f"API key {key.id} for {key.domain}, scope {key.scope}:")
+    print(f"API key {key.id} for {', '.join(key.domains)}, scope {key.scope}:")
     print(token)
     print("It is shown this once; send it as: Authorization: Bearer <key>")
     return 0
@@ -38,7 +40,7 @@ def apikey_list(cfg: Config, args: argparse.Namespace) -> int:
         print("no API keys")
     for k in keys:
         state = "active" if k.revoked_at is None else f"revoked {when(k.revoked_at)}"
-        print(f"{k.id}  {k.domain}  {k.scope:<6}  created {when(k.created_at)}  {state}")
+        print(f"{k.id}  {','.join(k.domains)}  {k.scope:<6}  created {when(k.created_at)}  {state}")
     return 0
 
 
@@ -55,10 +57,17 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     key = sub.add_parser("apikey", help="HTTP API keys").add_subparsers(
         dest="action", required=True, metavar="ACTION"
     )
-    h = "make a key for one of our domains (its token is printed once)"
+    h = "make a key for one or more of our domains (its token is printed once)"
     one = key.add_parser("add", help=h, description=h)
     one.set_defaults(func=apikey_add)
-    one.add_argument("--domain", required=True)
+    one.add_argument(
+        "--domain", required=True, action="append", help="a domain of the key (repeat for more)"
+    )
+    one.add_argument(
+        "--new-domain",
+        action="store_true",
+        help="allow domains not added yet: the key may add them (POST /v1/domains)",
+    )
     one.add_argument("--scope", required=True, choices=apikeys.SCOPES)
     one.add_argument("--json", action="store_true", help="print JSON")
     h = "list keys (never their tokens)"

@@ -202,6 +202,20 @@ class SuppressionConfig:
 
 
 @dataclass(frozen=True)
+class WebhooksConfig:
+    """Webhooks (docs/webhooks.md): each recipient's outcome POSTed, signed, to the HTTPS
+    endpoints its sending domain subscribed (`mailrelay webhook add`), retried for a day."""
+
+    enabled: bool = True
+    timeout: float = 10.0  # seconds for one POST: connect, TLS, request and answer
+    first_retry: float = 5.0  # the first retry's delay; later ones follow a fixed schedule
+    # Whoever holds a manage key chooses the URL: without this, an endpoint that resolves to a
+    # loopback, private, link-local or otherwise special address is refused, so that a key
+    # cannot make the relay POST into the network it sits in.
+    allow_private_addresses: bool = False
+
+
+@dataclass(frozen=True)
 class MetricsConfig:
     listen: ListenAddress | None = ListenAddress("127.0.0.1", 9187)
 
@@ -242,6 +256,7 @@ class Config:
     limits: LimitsConfig = LimitsConfig()
     tlsrpt: TlsRptConfig = TlsRptConfig()
     suppression: SuppressionConfig = SuppressionConfig()
+    webhooks: WebhooksConfig = WebhooksConfig()
     metrics: MetricsConfig = MetricsConfig()
     api: ApiConfig = ApiConfig()
     log: LogConfig = LogConfig()
@@ -392,6 +407,17 @@ def parse(raw: dict[str, Any], *, base_dir: Path) -> Config:
     )
     sup_t.done()
 
+    hook_t = top.table("webhooks")
+    webhooks = WebhooksConfig(
+        enabled=hook_t.boolean("enabled", WebhooksConfig.enabled),
+        timeout=hook_t.duration("timeout", WebhooksConfig.timeout),
+        first_retry=hook_t.duration("first_retry", WebhooksConfig.first_retry),
+        allow_private_addresses=hook_t.boolean(
+            "allow_private_addresses", WebhooksConfig.allow_private_addresses
+        ),
+    )
+    hook_t.done()
+
     met_t = top.table("metrics")
     metrics_listen = met_t.string("listen", "127.0.0.1:9187")
     metrics = MetricsConfig(
@@ -422,6 +448,7 @@ def parse(raw: dict[str, Any], *, base_dir: Path) -> Config:
         limits=limits,
         tlsrpt=tlsrpt,
         suppression=suppression,
+        webhooks=webhooks,
         metrics=metrics,
         api=api,
         log=log,

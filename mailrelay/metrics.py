@@ -53,6 +53,7 @@ LIMITS = (
     "auth_backoff",
 )
 DELIVERY_STATUSES = ("sent", "deferred", "bounced")
+WEBHOOK_RESULTS = ("sent", "failed", "retried")  # mailrelay.webhooks.dispatcher
 INSECURE_REASONS = (
     "no_starttls",
     "starttls_refused",
@@ -77,6 +78,22 @@ POLICY_FAILURES = (
 )
 TLSRPT_METHODS = ("mailto", "https")
 TLSRPT_RESULTS = ("sent", "failed")
+# The send endpoints' usual answers, and the reasons they refuse a message (mailrelay/api).
+_SEND_ANSWERS = ("202", "400", "401", "403", "413", "422", "429", "503")
+API_ANSWERS = {
+    "/v1/messages": _SEND_ANSWERS,
+    "/v1/messages/batch": ("200", "400", "401", "403", "413", "422", "429", "503"),
+    "/v1/messages/{message_id}": ("200", "401", "404"),
+}
+API_REFUSALS = (
+    "rate_limited",
+    "all_recipients_suppressed",
+    "sender_not_allowed",
+    "domain_not_verified",
+    "too_large",
+    "too_many_recipients",
+    "invalid_message",
+)
 
 
 def _version() -> str:
@@ -173,6 +190,27 @@ class Metrics:
             ["method", "result"],
             registry=r,
         )
+        self.webhook_deliveries = Counter(
+            "mailrelay_webhook_deliveries",
+            "Webhook POSTs by result: sent (answered 2xx), retried (will be tried again) or"
+            " failed (given up on, 24 hours after the event).",
+            ["result"],
+            registry=r,
+        )
+        # ---- the HTTP API (issue 15) ----
+        self.api_requests = Counter(
+            "mailrelay_api_requests",
+            'HTTP API answers, by endpoint (the route\'s path template, or "other") and status.',
+            ["endpoint", "status"],
+            registry=r,
+        )
+        self.api_refusals = Counter(
+            "mailrelay_api_refusals",
+            "Messages the API's send endpoints refused (one per message, a batch's items each),"
+            " by error code: rate_limited, all_recipients_suppressed, sender_not_allowed, ...",
+            ["code"],
+            registry=r,
+        )
         self.tls_certificate_expiry = Gauge(
             "mailrelay_tls_certificate_expiry_timestamp_seconds",
             "notAfter of the submission certificate loaded now (at start, and by each SIGHUP).",
@@ -186,6 +224,11 @@ class Metrics:
             self.smtpd_messages_rejected.labels(code=code)
         for limit in LIMITS:
             self.smtpd_limit_refusals.labels(limit=limit)
+        for endpoint, statuses in API_ANSWERS.items():
+            for status in statuses:
+                self.api_requests.labels(endpoint=endpoint, status=status)
+        for code in API_REFUSALS:
+            self.api_refusals.labels(code=code)
         for status in DELIVERY_STATUSES:
             self.smtp_messages_processed.labels(status=status)
         for reason in INSECURE_REASONS:
@@ -195,6 +238,8 @@ class Metrics:
         for method in TLSRPT_METHODS:
             for result in TLSRPT_RESULTS:
                 self.tlsrpt_reports.labels(method=method, result=result)
+        for result in WEBHOOK_RESULTS:
+            self.webhook_deliveries.labels(result=result)
         # What the delivery side counts; with delivery in its own process, the child keeps
         # these and the parent serves the child's latest snapshot in their place.
         self._delivery: tuple[Collector, ...] = (
@@ -207,6 +252,7 @@ class Metrics:
             self.delivery_workers_busy,
             self.delivery_workers,
             self.tlsrpt_reports,  # the report task runs beside the queue runner
+            self.webhook_deliveries,  # and so does the webhook dispatcher
         )
         self._adopted: _Adopted | None = None
 

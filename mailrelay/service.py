@@ -30,6 +30,7 @@ from mailrelay.submission.handler import Accepted, SubmissionHandler
 from mailrelay.submission.server import SubmissionServer
 from mailrelay.submission.tls import ensure_self_signed
 from mailrelay.tlsrpt.reporter import Reporter
+from mailrelay.webhooks.dispatcher import Dispatcher
 
 log = logging.getLogger("mailrelay.service")
 
@@ -61,6 +62,7 @@ class Service:
             limits=config.limits,
             on_limit=lambda limit: self.metrics.smtpd_limit_refusals.labels(limit=limit).inc(),
             suppression=config.suppression.enabled,
+            webhooks=config.webhooks.enabled,
         )
         checker = PasswordChecker(
             lambda login: self.store.read(lambda c: accounts.password_hash(c, login))
@@ -85,7 +87,13 @@ class Service:
         self.api: ApiServer | None = None
         if config.api.listen is not None:
             self.api = ApiServer(
-                ApiContext(config, self.store, handler.acceptor, self.queue_changed.set)
+                ApiContext(
+                    config,
+                    self.store,
+                    handler.acceptor,
+                    self.queue_changed.set,
+                    metrics=self.metrics,
+                )
             )
         self._snapshot_conn: sqlite3.Connection | None = None
         self._snapshot_lock = threading.Lock()
@@ -169,6 +177,7 @@ class InlineDelivery:
         courier = SmtpCourier(policy, self.pool, metrics)
         self.runner = QueueRunner(config, store, courier, metrics, wake)
         self.reporter = Reporter(config, store, metrics, wake)  # TLS-RPT, beside the runner
+        self.webhooks = Dispatcher(config, store, metrics) if config.webhooks.enabled else None
 
     async def start(self) -> None:
         # Nothing else claims: whatever is still claimed was being delivered when we stopped.
@@ -178,8 +187,12 @@ class InlineDelivery:
         await self.pool.start()
         await self.runner.start()
         await self.reporter.start()
+        if self.webhooks is not None:
+            await self.webhooks.start()
 
     async def stop(self) -> None:
+        if self.webhooks is not None:
+            await self.webhooks.stop()
         await self.reporter.stop()
         await self.runner.stop()
         await self.pool.stop()

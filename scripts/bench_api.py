@@ -2,9 +2,11 @@
 held) takes N concurrent clients sending M messages of S bytes, first over SMTP (STARTTLS+AUTH,
 as scripts/bench_submission.py), then as JSON POSTs to /v1/messages (keep-alive, plain HTTP on
 loopback). Prints messages per second and p50/p99 latency (to the 250 or 202 answer: both mean
-signed and committed to disk) for each.
+signed and committed to disk) for each. With --batch N the API clients send N messages per
+POST /v1/messages/batch instead (latency is then per batch).
 
     .venv/bin/python scripts/bench_api.py --clients 20 --messages 50 --size 10000
+    .venv/bin/python scripts/bench_api.py --clients 4 --messages 1000 --batch 100
 """
 
 from __future__ import annotations
@@ -25,6 +27,30 @@ import httpx
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import bench_submission as smtp_bench  # the SMTP side, measured as it is alone
+
+
+async def api_batch_client(
+    url: str, token: str, count: int, size: int, out: list[float], offset: int, batch: int
+) -> None:
+    text = ("x" * 76 + "\n") * max(1, size // 78)
+    headers = {"Authorization": f"Bearer {token}"}
+    async with httpx.AsyncClient(base_url=url, headers=headers, timeout=300) as client:
+        for start in range(0, count, batch):
+            messages = [
+                {
+                    "from": "bench@bench.example",
+                    "to": ["sink@example.net"],
+                    "subject": f"bench {offset + n}",
+                    "text": text,
+                }
+                for n in range(start, min(count, start + batch))
+            ]
+            started = time.perf_counter()
+            got = await client.post("/v1/messages/batch", json={"messages": messages})
+            out.append(time.perf_counter() - started)
+            statuses = {r["status"] for r in got.json().get("results", [])}
+            if got.status_code != 200 or statuses != {202}:
+                raise RuntimeError(f"batch answered {got.status_code}: {got.text[:500]}")
 
 
 async def api_client(
@@ -62,6 +88,27 @@ async def run(args: argparse.Namespace, smtp_port: int, url: str, token: str, wo
     report("smtp", smtp_latencies, smtp_elapsed)
     api_latencies: list[float] = []
     started = time.perf_counter()
+    if args.batch:
+        await asyncio.gather(
+            *(
+                api_batch_client(
+                    url,
+                    token,
+                    args.messages,
+                    args.size,
+                    api_latencies,
+                    i * args.messages,
+                    args.batch,
+                )
+                for i in range(args.clients)
+            )
+        )
+        elapsed = time.perf_counter() - started
+        total = args.clients * args.messages
+        print(f"api batch of {args.batch}: {total / elapsed:.1f} messages/s ({total} in"
+              f" {elapsed:.2f}s); latency per batch p50="
+              f"{statistics.median(sorted(api_latencies)) * 1000:.1f}ms")  # fmt: skip
+        return
     await asyncio.gather(
         *(
             api_client(url, token, args.messages, args.size, api_latencies, i * args.messages)
@@ -76,6 +123,7 @@ def main() -> None:
     p.add_argument("--clients", type=int, default=20)
     p.add_argument("--messages", type=int, default=50)
     p.add_argument("--size", type=int, default=10_000, help="bytes per message")
+    p.add_argument("--batch", type=int, default=0, help="API: messages per batch request")
     p.add_argument("--dir", default=os.environ.get("TMPDIR"), help="where the database goes")
     args = p.parse_args()
     args.unsigned = False

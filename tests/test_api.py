@@ -396,7 +396,9 @@ async def test_openapi_document_and_framework_errors(api: Api) -> None:
         got = await client.get("/v1/openapi.json")
         assert got.status_code == 200
         doc = got.json()
-        assert sorted(doc["paths"]) == ["/v1/messages", "/v1/messages/{message_id}"]
+        # Other paths (management, webhooks) are tested where they are made.
+        ours = {"/v1/messages", "/v1/messages/batch", "/v1/messages/{message_id}"}
+        assert ours <= set(doc["paths"])
         assert sorted(doc["paths"]["/v1/messages"]) == ["post"]
         assert "SendRequest" in doc["components"]["schemas"]
         assert "from" in doc["components"]["schemas"]["SendRequest"]["properties"]

@@ -16,9 +16,17 @@ import uvicorn
 from fastapi import FastAPI
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from mailrelay.api import errors, messages
+from mailrelay.api import batch, errors, messages
 from mailrelay.api.context import ApiContext
+from mailrelay.api.domains import router as domains_router
+from mailrelay.api.events import router as events_router
+from mailrelay.api.keys import router as keys_router
+from mailrelay.api.manage import router as tls_check_router
 from mailrelay.api.mime import SendRequest
+from mailrelay.api.observe import CountAnswers
+from mailrelay.api.queue import router as queue_router
+from mailrelay.api.users import router as users_router
+from mailrelay.api.webhooks import router as webhooks_router
 
 log = logging.getLogger("mailrelay.api")
 
@@ -33,7 +41,16 @@ def create_app(ctx: ApiContext) -> FastAPI:
     )
     app.state.ctx = ctx
     errors.install(app)
+    app.include_router(batch.router)
     app.include_router(messages.router)
+    app.add_middleware(CountAnswers, metrics=ctx.metrics)
+    app.include_router(events_router)
+    app.include_router(domains_router)
+    app.include_router(users_router)
+    app.include_router(keys_router)
+    app.include_router(queue_router)
+    app.include_router(tls_check_router)
+    app.include_router(webhooks_router)
 
     def openapi() -> dict[str, Any]:
         if app.openapi_schema is None:

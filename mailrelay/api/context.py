@@ -6,6 +6,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 from mailrelay.config import Config
+from mailrelay.metrics import Metrics
 from mailrelay.store import Store
 from mailrelay.submission.accept import Acceptor
 
@@ -18,3 +19,5 @@ class ApiContext:
     on_queued: Callable[[], None]
     """Wakes delivery: a message was committed."""
     on_accepted: Callable[[], None] = lambda: None
+    metrics: Metrics | None = None
+    """The service's: the API counts its answers and refusals there (None in unit tests)."""

@@ -8,13 +8,16 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Mapping
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException
 from starlette.requests import ClientDisconnect
+
+if TYPE_CHECKING:
+    from mailrelay.store.suppressions import Suppression
 
 log = logging.getLogger("mailrelay.api")
 
@@ -46,6 +49,13 @@ class ApiError(Exception):
         self.message = message
         self.field = field
         self.headers = headers
+        self.refused: tuple[tuple[str, str], ...] = ()
+        """Recipients whose REFUSED event this refusal records, each with its reply."""
+        self.held: tuple[Suppression, ...] = ()
+        """The suppression entries among them (each a `suppressed` webhook event)."""
+
+    def to_json(self) -> dict[str, Any]:
+        return body(self.code, self.message, self.field)
 
 
 def body(code: str, message: str, field: str | None = None) -> dict[str, Any]:

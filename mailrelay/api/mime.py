@@ -48,6 +48,11 @@ class SendRequest(BaseModel):
     html: str | None = None
     attachments: list[Attachment] = []
     headers: dict[str, str] = Field(default={}, description="extra header fields")
+    requiretls: bool = Field(
+        default=False,
+        description="REQUIRETLS (RFC 8689): deliver only over authenticated TLS to MX hosts"
+        " that offer REQUIRETLS, else bounce",
+    )
 
 
 @dataclass(frozen=True)
@@ -65,6 +70,7 @@ class Built:
     sender: str
     recipients: tuple[str, ...]
     attachments: tuple[AttachmentInfo, ...] = ()
+    requiretls: bool = False
 
 
 # Fields the builder writes itself, or that only we may write: an extra header may not set them.
@@ -153,7 +159,7 @@ def build(req: SendRequest, *, message_id: str, date: str) -> Built:
                 hashlib.sha256(content).hexdigest(),
             )
         )  # fmt: skip
-    return Built(msg.as_bytes(), sender.addr_spec, recipients, tuple(infos))
+    return Built(msg.as_bytes(), sender.addr_spec, recipients, tuple(infos), req.requiretls)
 
 
 def _cte(text: str) -> str:

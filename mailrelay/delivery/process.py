@@ -160,6 +160,7 @@ async def _child_main(config: Config, sock: socket.socket) -> None:
     from mailrelay.delivery.runner import QueueRunner
     from mailrelay.store import Store, claims
     from mailrelay.tlsrpt.reporter import Reporter
+    from mailrelay.webhooks.dispatcher import Dispatcher
 
     metrics = Metrics()
     store = Store(config.storage.path)
@@ -173,6 +174,7 @@ async def _child_main(config: Config, sock: socket.socket) -> None:
     courier = SmtpCourier(transport_policy(config, StoreStsCache(store), metrics), pool, metrics)
     runner = QueueRunner(config, store, courier, metrics, wake)
     reporter = Reporter(config, store, metrics, wake)  # TLS-RPT, beside the runner
+    dispatcher = Dispatcher(config, store, metrics) if config.webhooks.enabled else None
     reader, writer = await asyncio.open_unix_connection(sock=sock)
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
@@ -194,11 +196,15 @@ async def _child_main(config: Config, sock: socket.socket) -> None:
     await pool.start()
     await runner.start()
     await reporter.start()
+    if dispatcher is not None:
+        await dispatcher.start()
     tasks = [asyncio.create_task(listen()), asyncio.create_task(report())]
     log.info("event=delivery_process_started pid=%d", os.getpid())
     try:
         await stop.wait()
     finally:
+        if dispatcher is not None:
+            await dispatcher.stop()
         await reporter.stop()
         await runner.stop()
         await pool.stop()

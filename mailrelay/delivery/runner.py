@@ -25,7 +25,7 @@ from mailrelay.delivery.bounce import bounce_for
 from mailrelay.delivery.courier import Courier
 from mailrelay.delivery.result import Insecure, Kind, Result
 from mailrelay.metrics import Metrics
-from mailrelay.store import Store, accounts, claims, queue, suppressions
+from mailrelay.store import Store, accounts, claims, queue, suppressions, webhooks
 from mailrelay.store import tlsrpt as tlsrpt_store
 from mailrelay.store.claims import ClaimedRecipient, Job, RecipientUpdate
 from mailrelay.store.writer import StoreClosed
@@ -277,6 +277,8 @@ class QueueRunner:
             # report's own delivery is never reported on (RFC 8460 §5.3: no report loops).
             if reports and not tlsrpt_store.is_report_message(conn, job.message_id):
                 tlsrpt_store.record_sessions(conn, reports)
+            if self.config.webhooks.enabled:  # each outcome's webhooks, with the outcome
+                webhooks.enqueue_outcomes(conn, job, updates, insecure, now)
             return queue.enqueue(conn, dsn, now) if dsn is not None else None
 
         delay = RECORD_RETRY_FIRST

@@ -249,6 +249,49 @@ MIGRATIONS: tuple[str, ...] = (
     ) WITHOUT ROWID;
     CREATE INDEX suppressions_expires ON suppressions(expires_at);
     """,
+    # 10: webhooks (store/webhooks.py): HTTPS endpoints of our sending domains, and the outbox
+    # of their deliveries, written in the commit that records the outcome they report.
+    """
+    CREATE TABLE webhook_endpoints (
+        id TEXT PRIMARY KEY,                  -- 'ep_' and 16 hex digits
+        domain TEXT NOT NULL,                 -- the sending domain, lowercase
+        url TEXT NOT NULL,                    -- https:// only
+        events TEXT NOT NULL,                 -- comma-separated: delivered,deferred,...
+        secret TEXT NOT NULL,                 -- 'whsec_' and base64 (Standard Webhooks)
+        created_at REAL NOT NULL,
+        disabled INTEGER NOT NULL DEFAULT 0
+    );
+    CREATE INDEX webhook_endpoints_domain ON webhook_endpoints(domain);
+    CREATE TABLE webhook_deliveries (
+        id TEXT PRIMARY KEY,                  -- 'msg_…': the webhook-id, the same on retries
+        endpoint_id TEXT NOT NULL REFERENCES webhook_endpoints(id) ON DELETE CASCADE,
+        event TEXT NOT NULL
+            CHECK (event IN ('delivered', 'deferred', 'bounced', 'insecure', 'suppressed')),
+        payload TEXT NOT NULL,                -- the JSON body, exactly as posted
+        attempts INTEGER NOT NULL DEFAULT 0,
+        next_attempt_at REAL NOT NULL,        -- pending: when it is due (a claim moves it on)
+        state TEXT NOT NULL CHECK (state IN ('pending', 'sent', 'failed')),
+        last_error TEXT,
+        created_at REAL NOT NULL,
+        updated_at REAL NOT NULL
+    );
+    CREATE INDEX webhook_deliveries_due ON webhook_deliveries(state, next_attempt_at);
+    CREATE INDEX webhook_deliveries_endpoint ON webhook_deliveries(endpoint_id);
+    CREATE INDEX webhook_deliveries_created ON webhook_deliveries(created_at);
+    """,
+    # 11: an API key may hold several domains (`apikey add --domain a.org --domain b.org`): one
+    # row per key and domain, the single domain of each key made before moved in. A domain
+    # need not exist yet: a key made with --new-domain may add it over the API.
+    """
+    CREATE TABLE api_key_domains (
+        key_id TEXT NOT NULL REFERENCES api_keys(id) ON DELETE CASCADE,
+        domain TEXT NOT NULL,                 -- lowercase
+        PRIMARY KEY (key_id, domain)
+    ) WITHOUT ROWID;
+    CREATE INDEX api_key_domains_domain ON api_key_domains(domain);
+    INSERT INTO api_key_domains (key_id, domain) SELECT id, domain FROM api_keys;
+    ALTER TABLE api_keys DROP COLUMN domain;
+    """,
 )
 
 

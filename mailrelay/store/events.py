@@ -10,6 +10,7 @@ from __future__ import annotations
 import re
 import sqlite3
 import time
+from collections.abc import Collection
 from dataclasses import dataclass
 from datetime import datetime
 from typing import Any, get_args
@@ -68,12 +69,16 @@ def query(
     status: str | None = None,
     cursor: str | None = None,
     limit: int = 50,
+    sender_domains: Collection[str] | None = None,
 ) -> Page:
     """Events newest first, `limit` at a time.
 
     The cursor is the id of the last event returned, kept opaque to callers: ids only grow (one
     writer assigns them in commit order), so "older than the cursor" gives each event once
     however many arrive while someone pages.
+
+    `sender_domains` keeps the events of messages those domains sent (an API key's view): the
+    refusals of a transaction that queued nothing, and a deleted message's events, are left out.
     """
     if limit < 1:
         raise ValueError(f"limit must be at least 1, not {limit}")
@@ -91,6 +96,12 @@ def query(
     if status is not None:
         where.append("event = ?")
         params.append(parse_status(status))
+    if sender_domains is not None:
+        marks = ", ".join("?" * len(sender_domains))
+        where.append(
+            f"message_id IN (SELECT id FROM messages WHERE sender_domain IN ({marks}))"  # noqa: S608 -- placeholders only
+        )
+        params.extend(sender_domains)
     sql = f"SELECT {_COLUMNS} FROM events"  # noqa: S608 -- only fixed clauses are joined in
     if where:
         sql += " WHERE " + " AND ".join(where)

@@ -70,6 +70,8 @@ class Principal:
     send_as: Callable[[], senders.SendAs]
     """Read when the message is checked (blocking; in the worker thread)."""
     authentication_results: str | None
+    protocol: str = "ESMTPSA"
+    """The Received field's "with": how the message came in."""
 
 
 class Acceptor:
@@ -140,6 +142,7 @@ class Acceptor:
             queue_id=queue_id,
             now=now,
             authentication_results=principal.authentication_results,
+            protocol=principal.protocol,
         )
         if self.signer is not None:
             message = self.signer(message, signing_domain)

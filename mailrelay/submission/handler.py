@@ -12,7 +12,7 @@ from dataclasses import dataclass
 from typing import Any, Literal
 
 from mailrelay.config import LimitsConfig, SubmissionConfig
-from mailrelay.store import Store, accounts, events, queue, senders, suppressions, usage
+from mailrelay.store import Store, accounts, events, queue, senders, suppressions, usage, webhooks
 from mailrelay.store.writer import StoreClosed
 from mailrelay.submission import replies
 from mailrelay.submission.accept import NOT_A_SENDER as NOT_A_SENDER
@@ -85,6 +85,7 @@ class SubmissionHandler:
         limits: LimitsConfig | None = None,
         on_limit: Callable[[UserLimit], None] | None = None,
         suppression: bool = True,
+        webhooks: bool = False,
     ) -> None:
         self.config = config
         # None: no per-user rates or quotas (the service always passes its [limits]).
@@ -93,6 +94,7 @@ class SubmissionHandler:
         )
         self.on_limit = on_limit
         self.suppression = suppression  # [suppression] enabled: refuse suppressed recipients
+        self.webhooks = webhooks  # [webhooks] enabled: a suppressed recipient is an event
         self.hostname = hostname
         self.store = store
         self.acceptor = Acceptor(config, hostname, store, signer)
@@ -167,6 +169,21 @@ class SubmissionHandler:
             return
         self._writes.add(written)
         written.add_done_callback(functools.partial(self._written, queue_id))
+
+    def _suppressed_event(self, entry: suppressions.Suppression, queue_id: str | None) -> None:
+        # The `suppressed` webhook, handed to the writer unawaited like the REFUSED event.
+        now = time.time()
+
+        def op(conn: sqlite3.Connection) -> None:
+            webhooks.enqueue_suppressed(conn, entry, queue_id, now)
+
+        try:
+            written = self.store.submit(op)
+        except StoreClosed as exc:
+            log.warning("event=webhook_not_recorded queue_id=%s error=%r", queue_id, str(exc))
+            return
+        self._writes.add(written)
+        written.add_done_callback(functools.partial(self._written, queue_id or "none"))
 
     def _written(self, queue_id: str, written: asyncio.Future[None]) -> None:
         self._writes.discard(written)
@@ -246,6 +263,8 @@ class SubmissionHandler:
                 lambda c: suppressions.lookup(c, sender_domain, address, now)
             )
             if entry is not None:
+                if self.webhooks:
+                    self._suppressed_event(entry, getattr(envelope, "queue_id", None))
                 return self.refuse(session, envelope, suppressed(entry), "rcpt", [address])
         used: usage.Usage | None = getattr(envelope, "usage", None)
         if used is not None:

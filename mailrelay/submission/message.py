@@ -30,6 +30,7 @@ def add_submission_headers(
     queue_id: str,
     now: float,
     authentication_results: str | None = None,
+    protocol: str = "ESMTPSA",
 ) -> bytes:
     """Prepend Received (and Authentication-Results when given); add Date and Message-ID when the
     client left them out, as a submission server may.
@@ -40,12 +41,15 @@ def add_submission_headers(
     Each field we add is one line ending in CRLF, and the client's first line must not start
     with white space (the handler refuses such a message first): a continuation line there
     would extend the field above it, ours, with the client's text.
+
+    `protocol` is the Received field's "with" (RFC 5321 section 4.4): ESMTPSA for
+    authenticated SMTP submission over TLS (RFC 3848), HTTP or HTTPS for the API.
     """
     if data[:1] in (b" ", b"\t"):
         raise ValueError("the message starts with a continuation line; refuse it before this")
     data = drop_forged_authentication_results(data, hostname)
     date = email.utils.formatdate(now, localtime=False, usegmt=True)
-    added = [f"Received: by {hostname} (mailrelay) with ESMTPSA id {queue_id}; {date}"]
+    added = [f"Received: by {hostname} (mailrelay) with {protocol} id {queue_id}; {date}"]
     if authentication_results:
         added.append(authentication_results)
     if not has_header(data, "Date"):
