@@ -29,6 +29,9 @@ from mailrelay.api.users import router as users_router
 from mailrelay.api.webhooks import router as webhooks_router
 
 log = logging.getLogger("mailrelay.api")
+# uvicorn's own lines ("Shutting down", "Finished server process") are not events of ours: only
+# its warnings and errors reach the journal, as with aiosmtpd's "mail.log".
+logging.getLogger("uvicorn.error").setLevel(logging.WARNING)
 
 
 def create_app(ctx: ApiContext) -> FastAPI:
@@ -77,6 +80,14 @@ def body_limit(max_message_size: int) -> int:
     return max_message_size * 4 // 3 + 65536
 
 
+# After a chunked body passed the limit, the rest is read and thrown away -- up to this much and
+# this long -- before the 413 goes out: a server that answers and closes while the client is
+# still sending makes the client's kernel see a reset, and the client often loses the answer
+# (nginx's lingering close does the same). Past either bound the connection is just closed.
+_DRAIN_BYTES = 16 * 1024 * 1024
+_DRAIN_SECONDS = 5.0
+
+
 class BodyLimit:
     """Refuses a body over `limit` with 413 before reading it (by Content-Length) or as soon as
     it grows past the limit (chunked): nothing larger is ever buffered."""
@@ -104,10 +115,12 @@ class BodyLimit:
             if message["type"] == "http.request":
                 received += len(message.get("body", b""))
                 if received > self.limit:
-                    # Answered here and now; the application is told the client went away
-                    # (its body read fails) and whatever it answers after is dropped.
+                    # Answered now; the application is told the client went away (its body
+                    # read fails) and whatever it answers after is dropped.
                     refused = True
-                    await _too_large(send, self.limit)
+                    finished = not message.get("more_body", False)
+                    if finished or await _drained(receive):
+                        await _too_large(send, self.limit)
                     return {"type": "http.disconnect"}
             return message
 
@@ -120,6 +133,23 @@ class BodyLimit:
         except Exception:
             if not refused:
                 raise
+
+
+async def _drained(receive: Receive) -> bool:
+    """Read the rest of a refused body, discarding it; False if it was too long or too slow."""
+    drained = 0
+    try:
+        async with asyncio.timeout(_DRAIN_SECONDS):
+            while drained <= _DRAIN_BYTES:
+                message = await receive()
+                if message["type"] != "http.request":
+                    return False  # the client went away: nobody to answer
+                drained += len(message.get("body", b""))
+                if not message.get("more_body", False):
+                    return True
+    except TimeoutError:
+        return False
+    return False
 
 
 async def _too_large(send: Send, limit: int) -> None:
@@ -178,7 +208,11 @@ class ApiServer:
         self.server.lifespan = self.config.lifespan_class(self.config)
         await self.server.startup(sockets=[self._socket])
         self._loop_task = asyncio.create_task(self.server.main_loop())
-        log.info("event=api_listening address=%s tls=%s", self.listen, self.tls)
+        log.info(
+            "event=listening address=%s service=api tls=%s",
+            self.listen,
+            "https" if self.tls else "plain",
+        )
 
     async def stop(self) -> None:
         if self._loop_task is None:
