@@ -25,6 +25,7 @@ from mailrelay.api.manage import router as tls_check_router
 from mailrelay.api.mime import SendRequest
 from mailrelay.api.observe import CountAnswers
 from mailrelay.api.queue import router as queue_router
+from mailrelay.api.suppressions import router as suppressions_router
 from mailrelay.api.users import router as users_router
 from mailrelay.api.webhooks import router as webhooks_router
 
@@ -54,6 +55,7 @@ def create_app(ctx: ApiContext) -> FastAPI:
     app.include_router(queue_router)
     app.include_router(tls_check_router)
     app.include_router(webhooks_router)
+    app.include_router(suppressions_router)
 
     def openapi() -> dict[str, Any]:
         if app.openapi_schema is None:
