@@ -3,31 +3,19 @@
 §3 lets submitters ignore certificate errors here; we do not. The collector's certificate must
 be valid for the URL's host under the system roots plus `delivery.ca_file`, as for MTA-STS
 policies: a report says which of a domain's MX hosts failed and how, which is worth keeping from
-whoever can divert the connection. The host is resolved with our own resolver, each address is
-tried in turn, and redirects are not followed (a redirect could point anywhere, and the body
-would go with it).
+whoever can divert the connection. The POST itself is `mailrelay.https_post`'s.
 """
 
 from __future__ import annotations
 
-import asyncio
-import ipaddress
-import ssl
-import urllib.parse
-
 import dns.asyncresolver
-import dns.exception
-import dns.resolver
-import httpx
 
-from mailrelay.delivery.certificates import mtime
-from mailrelay.delivery.sts_fetch import https_context
+from mailrelay import https_post
+from mailrelay.https_post import PostFailed
+
+__all__ = ["CONTENT_TYPE", "PostFailed", "post"]
 
 CONTENT_TYPE = "application/tlsrpt+gzip"
-
-
-class PostFailed(Exception):
-    """The collector did not take the report; the message says why (for the log and the CLI)."""
 
 
 async def post(
@@ -38,105 +26,8 @@ async def post(
     ca_file: str = "",
     time_limit: float = 30.0,
 ) -> int:
-    """POST `body` to `url`; the HTTP status (2xx) on success, else PostFailed."""
-    parts = urllib.parse.urlsplit(url)
-    host = parts.hostname or ""
-    port = parts.port or 443
-    target = urllib.parse.urlunsplit(("", "", parts.path or "/", parts.query, ""))
-    try:
-        context = https_context(ca_file, mtime(ca_file))
-    except (OSError, ssl.SSLError) as exc:
-        raise PostFailed(f"cannot load trust anchors {ca_file!r}: {exc}") from None
-    try:
-        async with asyncio.timeout(time_limit):
-            addresses = await _addresses(resolver, host)
-            problems = []
-            for address in addresses:
-                try:
-                    return await _post_to(address, host, port, target, body, context, time_limit)
-                except _Unreachable as exc:
-                    problems.append(str(exc))
-            raise PostFailed("; ".join(problems))
-    except TimeoutError:
-        raise PostFailed(f"{host}: no answer within {time_limit:g} s") from None
-
-
-class _Unreachable(Exception):
-    """No HTTP answer from this address; another address of the host may give one."""
-
-
-async def _addresses(resolver: dns.asyncresolver.Resolver, host: str) -> list[str]:
-    try:
-        return [str(ipaddress.ip_address(host))]
-    except ValueError:
-        pass
-    found: list[str] = []
-    problems: list[str] = []
-    for rdtype in ("A", "AAAA"):
-        try:
-            answer = await resolver.resolve(f"{host}.", rdtype)
-        except dns.resolver.NXDOMAIN:
-            raise PostFailed(f"{host} does not exist (NXDOMAIN)") from None
-        except dns.resolver.NoAnswer:
-            continue
-        except dns.exception.DNSException as exc:
-            problems.append(f"{rdtype}: {type(exc).__name__}")
-            continue
-        found.extend(rdata.to_text() for rdata in answer)
-    if not found:
-        raise PostFailed(f"no address for {host}: {'; '.join(problems) or 'no A or AAAA records'}")
-    return found
-
-
-async def _post_to(
-    address: str,
-    host: str,
-    port: int,
-    target: str,
-    body: bytes,
-    context: ssl.SSLContext,
-    time_limit: float,
-) -> int:
-    url_host = f"[{address}]" if ":" in address else address
-    where = f"{host}[{address}]:{port}"
-    headers = {
-        "Host": host if port == 443 else f"{host}:{port}",
-        "Content-Type": CONTENT_TYPE,
-        "User-Agent": "mailrelay (TLS-RPT)",
-    }
-    # One client per report, dialled by address with the URL's host as SNI and as the name the
-    # certificate must carry; no proxies from the environment: the host is the one we resolved.
-    # The answer's body is never read: only its status counts, and a collector must not be
-    # able to make us download anything.
-    try:
-        async with (
-            httpx.AsyncClient(
-                verify=context, timeout=time_limit, follow_redirects=False, trust_env=False
-            ) as client,
-            client.stream(
-                "POST",
-                f"https://{url_host}:{port}{target}",
-                content=body,
-                headers=headers,
-                extensions={"sni_hostname": host},
-            ) as response,
-        ):
-            status = response.status_code
-    except (httpx.ConnectError, httpx.ConnectTimeout) as exc:
-        raise _Unreachable(f"{where}: {_why(exc)}") from None
-    except (httpx.HTTPError, httpx.InvalidURL, OSError, ValueError) as exc:
-        raise PostFailed(f"{where}: {exc or type(exc).__name__}") from None
-    if not 200 <= status < 300:
-        raise PostFailed(f"{where}: HTTP status {status}")
-    return status
-
-
-def _why(exc: httpx.HTTPError) -> str:
-    cause: BaseException | None = exc
-    while cause is not None:
-        if isinstance(cause, ssl.SSLCertVerificationError):
-            return f"certificate not valid: {cause.verify_message or cause}"
-        if isinstance(cause, ssl.SSLError):
-            return f"TLS handshake failed: {cause}"
-        cause = cause.__cause__ or cause.__context__
-    return f"cannot connect: {exc or type(exc).__name__}"
+    """POST the gzipped report `body` to `url`; the HTTP status (2xx), else PostFailed."""
+    headers = {"Content-Type": CONTENT_TYPE, "User-Agent": "mailrelay (TLS-RPT)"}
+    return await https_post.post(
+        resolver, url, body, headers, ca_file=ca_file, time_limit=time_limit
+    )
