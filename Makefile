@@ -18,6 +18,7 @@ run: install
 	$(BIN)/mailrelay --config $(CONFIG) serve
 
 test: install
+	sh scripts/ensure_postgresql.sh
 	$(BIN)/ruff check mailrelay tests scripts
 	$(BIN)/mypy
 	$(BIN)/pytest -n 2 --dist loadfile

@@ -39,7 +39,7 @@ from mailrelay.cli_queue import log, queue_delete, queue_list, queue_retry, queu
 from mailrelay.cli_suppression import suppression_add, suppression_list, suppression_remove
 from mailrelay.cli_tlsrpt import tlsrpt_list, tlsrpt_send_now, tlsrpt_show
 from mailrelay.cli_webhooks import register as register_webhooks
-from mailrelay.config import Config, ConfigError
+from mailrelay.config import Config, ConfigError, redact_url
 from mailrelay.store import accounts, events
 
 __all__ = ["UserError", "main"]
@@ -271,7 +271,7 @@ def _check_config(cfg: Config, args: argparse.Namespace) -> int:
         print(f"mailrelay: {problem}", file=sys.stderr)
     if report.problems:
         return EXIT_CONFIG
-    print(f"configuration ok: hostname={cfg.hostname} database={cfg.storage.path}")
+    print(f"configuration ok: hostname={cfg.hostname} database={redact_url(cfg.storage.database)}")
     if report.certificate_expires is not None:
         days = (report.certificate_expires - datetime.datetime.now(datetime.UTC)).days
         print(

@@ -6,7 +6,6 @@ import argparse
 import asyncio
 import getpass
 import os
-import sqlite3
 import sys
 import time
 from pathlib import Path
@@ -23,6 +22,7 @@ from mailrelay.cli_output import (
 )
 from mailrelay.config import Config
 from mailrelay.store import accounts, senders
+from mailrelay.store.backend import Connection
 from mailrelay.store.queue import transaction
 from mailrelay.submission.auth import hash_password
 from mailrelay.submission.handler import split_address
@@ -50,7 +50,7 @@ def user_add(cfg: Config, args: argparse.Namespace) -> int:
         raise UserError(f"{args.address!r} is not an e-mail address")
     domain = args.address.rpartition("@")[2].lower()
     try:
-        conn: sqlite3.Connection | None = open_existing_db(cfg)
+        conn: Connection | None = open_existing_db(cfg)
     except NoDatabase:
         conn = None  # no database, so no domain: `domain add` makes both
     if conn is None or accounts.get_domain(conn, domain) is None:
@@ -104,7 +104,7 @@ def _sender(value: str, option: str) -> str:
     return sender
 
 
-def _require_our_domain(conn: sqlite3.Connection, sender: str) -> None:
+def _require_our_domain(conn: Connection, sender: str) -> None:
     domain = sender.rpartition("@")[2]
     if accounts.get_domain(conn, domain) is None:
         raise UserError(
@@ -227,7 +227,7 @@ def domain_add(cfg: Config, args: argparse.Namespace) -> int:
     return 0
 
 
-def _domain_db(cfg: Config, name: str) -> sqlite3.Connection:
+def _domain_db(cfg: Config, name: str) -> Connection:
     """The database for a command on one domain: without one there is no such domain (and none
     is made)."""
     try:

@@ -10,8 +10,9 @@ import time
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from mailrelay.config import Config
+from mailrelay.config import Config, redact_url
 from mailrelay.store import connect, open_readonly
+from mailrelay.store.backend import Connection
 
 if TYPE_CHECKING:
     from mailrelay.dkim import Owner
@@ -33,30 +34,35 @@ class NoDatabase(UserError):
     """There is no database yet: only `mailrelay serve` and `domain add` make one."""
 
 
-def open_existing_db(cfg: Config) -> sqlite3.Connection:
+def open_existing_db(cfg: Config) -> Connection:
     """The database for every command but `domain add` (and `serve`); never creates one, so
     that a mistyped config, or root before the service's first start, leaves nothing behind."""
+    shown = redact_url(cfg.storage.database)
     try:
-        return open_readonly(cfg.storage.path)
+        return open_readonly(cfg.storage.database)
     except FileNotFoundError:
         raise NoDatabase(
-            f"no database at {cfg.storage.path}"
-            " (has `mailrelay serve` or `domain add` run with this config?)"
+            f"no database at {shown} (has `mailrelay serve` or `domain add` run with this config?)"
         ) from None
     except OSError as exc:
         path = cfg.storage.path
         raise UserError(f"cannot open database {path}: {reason(exc, path)}") from exc
     except sqlite3.Error as exc:
-        raise UserError(f"cannot open database {cfg.storage.path}: {exc}") from exc
+        raise UserError(f"cannot open database {shown}: {exc}") from exc
 
 
-def create_db(cfg: Config, owner: Owner | None) -> sqlite3.Connection:
+def create_db(cfg: Config, owner: Owner | None) -> Connection:
     """The database for `domain add`, made if missing.
 
     `owner` (uid, gid), given where root runs the command for the service user, gets every
     directory made for the database and the file itself before SQLite writes to it; `connect`
     gives the -wal and -shm files the database's owner.
     """
+    if cfg.storage.url:
+        try:
+            return connect(cfg.storage.url)
+        except sqlite3.Error as exc:  # store.postgres raises sqlite3's DB-API classes
+            raise UserError(f"cannot open database {redact_url(cfg.storage.url)}: {exc}") from exc
     path = Path(cfg.storage.path)
     try:
         if owner is not None and not path.exists():

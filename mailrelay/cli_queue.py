@@ -12,6 +12,7 @@ from typing import Any
 from mailrelay.cli_output import UserError, open_existing_db, print_json, safe, when
 from mailrelay.config import Config
 from mailrelay.store import connect, events, queue
+from mailrelay.store.backend import is_url
 from mailrelay.store.queue import transaction
 
 # ---- queue -----------------------------------------------------------------------------------
@@ -167,8 +168,8 @@ def tls_check(cfg: Config, args: argparse.Namespace) -> int:
 
     # The service's MTA-STS cache where there is one (a policy it holds is the one it applies,
     # and what is fetched here serves it too); a throw-away one before the first start.
-    path = cfg.storage.path
-    conn = connect(path if Path(path).exists() else ":memory:")
+    path = cfg.storage.database
+    conn = connect(path if is_url(path) or Path(path).exists() else ":memory:")
     try:
         report = asyncio.run(probe.tls_check(cfg, args.domain, ConnectionStsCache(conn)))
     finally:

@@ -69,7 +69,7 @@ async def _one_pass(cfg: Config) -> Pass:
     from mailrelay.store import Store
     from mailrelay.tlsrpt.reporter import Reporter
 
-    store = Store(cfg.storage.path)
+    store = Store(cfg.storage.database)
     await store.start()
     try:
         # The service's queue runner notices the queued mail by itself (it polls the store).

@@ -11,6 +11,7 @@ import ipaddress
 import re
 import socket
 import tomllib
+import urllib.parse
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal, get_args
@@ -62,6 +63,14 @@ class SubmissionConfig:
 @dataclass(frozen=True)
 class StorageConfig:
     path: str = "/var/lib/mailrelay/mailrelay.sqlite3"
+    # Several relays on one queue (issue 16): a PostgreSQL URL puts the store there instead of
+    # the SQLite file at `path` ("" keeps SQLite, the embedded default).
+    url: str = ""
+
+    @property
+    def database(self) -> str:
+        """What the store opens: the PostgreSQL URL if one is set, else the SQLite file."""
+        return self.url or self.path
 
 
 @dataclass(frozen=True)
@@ -314,6 +323,7 @@ def parse(raw: dict[str, Any], *, base_dir: Path) -> Config:
     storage_t = top.table("storage")
     storage = StorageConfig(
         path=_path(storage_t.string("path", StorageConfig.path), base_dir),
+        url=_storage_url(storage_t.string("url", StorageConfig.url)),
     )
     storage_t.done()
 
@@ -641,3 +651,33 @@ def _spf(key: str, value: str) -> str:
 
 def _path(value: str, base_dir: Path) -> str:
     return str((base_dir / value).resolve()) if value else value
+
+
+def _storage_url(url: str) -> str:
+    """A libpq URL (postgresql://user@host:port/dbname, or ?host=/socket/directory), checked for
+    its form; whether the server answers is for the start to find out. A password in the URL is
+    never repeated in an error."""
+    if not url:
+        return ""
+    parts = urllib.parse.urlsplit(url)
+    shown = repr(redact_url(url))
+    if parts.scheme not in ("postgresql", "postgres"):
+        raise ConfigError(f"storage.url: {shown} is not a postgresql:// URL")
+    try:
+        parts.port  # noqa: B018 -- raises ValueError for a bad port
+    except ValueError:
+        raise ConfigError(f"storage.url: {shown} has a bad port") from None
+    if not parts.hostname and not urllib.parse.parse_qs(parts.query).get("host"):
+        raise ConfigError(f"storage.url: {shown} names no host (or ?host=/socket/directory)")
+    if not parts.path.strip("/"):
+        raise ConfigError(f"storage.url: {shown} names no database (postgresql://HOST/DBNAME)")
+    return url
+
+
+def redact_url(url: str) -> str:
+    """`url` with its password, if any, replaced by ***: for errors and logs."""
+    parts = urllib.parse.urlsplit(url)
+    if parts.password is None:
+        return url
+    netloc = parts.netloc.replace(f":{parts.password}@", ":***@", 1)
+    return urllib.parse.urlunsplit(parts._replace(netloc=netloc))

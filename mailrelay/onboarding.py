@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import os
 import pwd
-import sqlite3
 import time
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
@@ -17,6 +16,7 @@ from mailrelay import dkim, domains
 from mailrelay.config import Config
 from mailrelay.signing import signing_key
 from mailrelay.store import accounts
+from mailrelay.store.backend import Connection
 from mailrelay.store.queue import transaction
 
 # The user the systemd unit runs the service as; MAILRELAY_SERVICE_USER names another.
@@ -87,7 +87,7 @@ def key_owner(config: Config, environ: dict[str, str] | None = None) -> dkim.Own
 
 
 def add(
-    conn: sqlite3.Connection,
+    conn: Connection,
     config: Config,
     name: str,
     notify: str,
@@ -120,7 +120,7 @@ def _stored(key: dkim.DkimKey, *, active: bool) -> accounts.StoredKey:
     )
 
 
-def records(conn: sqlite3.Connection, config: Config, name: str) -> DomainReport:
+def records(conn: Connection, config: Config, name: str) -> DomainReport:
     """Every record to publish: the signing keys', the next key's (once `rotate-dkim` made one),
     and rotated-out keys' until they are retired."""
     domain = accounts.require_domain(conn, name)
@@ -151,7 +151,7 @@ def _next_records(domain: str, keys: list[accounts.StoredKey]) -> tuple[domains.
     )
 
 
-async def check(conn: sqlite3.Connection, config: Config, name: str) -> domains.CheckReport:
+async def check(conn: Connection, config: Config, name: str) -> domains.CheckReport:
     """Check the published records; a fully valid report marks the domain `valid`.
 
     A later failing check moves it back to `unverified`: a domain whose DKIM record vanished
@@ -182,7 +182,7 @@ async def check(conn: sqlite3.Connection, config: Config, name: str) -> domains.
 
 
 def rotate(
-    conn: sqlite3.Connection, config: Config, name: str, owner: dkim.Owner | None = None
+    conn: Connection, config: Config, name: str, owner: dkim.Owner | None = None
 ) -> DomainReport:
     """Make the next key set; it signs nothing until `activate` (the first step of two).
 
@@ -213,7 +213,7 @@ def rotate(
 
 
 async def activate(
-    conn: sqlite3.Connection, config: Config, name: str, *, force: bool = False
+    conn: Connection, config: Config, name: str, *, force: bool = False
 ) -> DomainReport:
     """Sign with the next key set from now on (the second step); the old keys stay listed.
 
@@ -248,7 +248,7 @@ async def activate(
     return records(conn, config, domain.name)
 
 
-def retire_key(conn: sqlite3.Connection, name: str, selector: str) -> accounts.StoredKey:
+def retire_key(conn: Connection, name: str, selector: str) -> accounts.StoredKey:
     """Stop listing a rotated-out DKIM key; returns it, so the caller can name its record.
 
     An active key is refused (accounts.KeyInUse): rotate first. The private key file stays on

@@ -8,7 +8,6 @@ import logging
 import os
 import signal
 import socket
-import sqlite3
 import threading
 import time
 
@@ -25,6 +24,7 @@ from mailrelay.delivery.runner import QueueRunner
 from mailrelay.instance import InstanceLock
 from mailrelay.metrics import Metrics, MetricsServer
 from mailrelay.store import Store, accounts, claims, connect, queue
+from mailrelay.store.backend import Connection
 from mailrelay.submission.auth import PasswordChecker
 from mailrelay.submission.handler import Accepted, SubmissionHandler
 from mailrelay.submission.server import SubmissionServer
@@ -39,8 +39,10 @@ class Service:
     def __init__(self, config: Config) -> None:
         self.config = config
         self.metrics = Metrics()
+        # On PostgreSQL the lock still sits beside storage.path: one service per machine; the
+        # claims of several instances on one database are issue 16's next step.
         self.lock = InstanceLock(config.storage.path)
-        self.store = Store(config.storage.path, on_failure=self._store_failed)
+        self.store = Store(config.storage.database, on_failure=self._store_failed)
         self.failed = asyncio.Event()  # the store broke for good: `serve` exits non-zero
         self.queue_changed = asyncio.Event()
         sub = config.submission
@@ -95,7 +97,7 @@ class Service:
                     metrics=self.metrics,
                 )
             )
-        self._snapshot_conn: sqlite3.Connection | None = None
+        self._snapshot_conn: Connection | None = None
         self._snapshot_lock = threading.Lock()
         self._stopped = False
         self.metrics.add_queue_collector(self._queue_snapshot)
@@ -129,7 +131,7 @@ class Service:
         self.lock.acquire()  # AlreadyRunning: another service has this database
         try:
             await self.store.start()
-            self._snapshot_conn = connect(self.config.storage.path)
+            self._snapshot_conn = connect(self.config.storage.database)
             await self.metrics_server.start()
             if self.delivery is None:
                 log.warning("event=delivery_held (delivery.hold = true: mail is queued, not sent)")

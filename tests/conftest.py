@@ -21,6 +21,7 @@ from mailrelay.store import accounts, connect
 from mailrelay.store.queue import transaction
 from mailrelay.submission.auth import hash_password
 from mailrelay.submission.tls import ensure_self_signed
+from tests.pg import Cluster, PostgresUnavailable
 
 PASSWORD = "correct horse battery staple"
 
@@ -65,7 +66,7 @@ class Relay:
         return client
 
     def db(self) -> Any:
-        return connect(self.config.storage.path)
+        return connect(self.config.storage.database)
 
 
 def make_config(tmp_path: Path, **sections: dict[str, Any]) -> Config:
@@ -141,7 +142,7 @@ listen = ""
 
 
 def add_user(cfg: Config, address: str, password: str = PASSWORD, *, valid: bool = True) -> None:
-    conn = connect(cfg.storage.path)
+    conn = connect(cfg.storage.database)
     domain = address.rpartition("@")[2]
     with transaction(conn):
         if accounts.get_domain(conn, domain) is None:
@@ -194,3 +195,43 @@ async def relay(tmp_path: Path, relay_factory: RelayFactory) -> Relay:
     cfg = make_config(tmp_path)
     add_user(cfg, "alice@example.org")
     return await relay_factory(cfg)
+
+
+# ---- PostgreSQL (issue 16) ---------------------------------------------------------------------
+
+
+@pytest.fixture(scope="session")
+def postgres_cluster() -> Iterator[Cluster]:
+    """One PostgreSQL server per test session (per xdist worker), started on first use."""
+    try:
+        cluster = Cluster()
+        cluster.start()
+    except PostgresUnavailable as exc:
+        pytest.fail(f"PostgreSQL: {exc}", pytrace=False)
+    yield cluster
+    cluster.stop()
+
+
+@pytest.fixture
+def pg_url(postgres_cluster: Cluster) -> str:
+    """The URL of a fresh, empty PostgreSQL database for this test."""
+    return postgres_cluster.new_database()
+
+
+BACKENDS = ["sqlite", "postgresql"]
+
+
+@pytest.fixture(params=BACKENDS)
+def backend(request: pytest.FixtureRequest) -> str:
+    name: str = request.param
+    return name
+
+
+@pytest.fixture
+def database(backend: str, tmp_path: Path, request: pytest.FixtureRequest) -> str:
+    """What `Store` and `connect` open for this test, on each backend: a SQLite file in the
+    test's directory, or a fresh PostgreSQL database (storage.database)."""
+    if backend == "postgresql":
+        url: str = request.getfixturevalue("pg_url")
+        return url
+    return str(tmp_path / "q.sqlite3")

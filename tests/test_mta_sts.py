@@ -86,9 +86,10 @@ class Env:
 
 
 @contextlib.asynccontextmanager
-async def open_env(tmp_path: Path, address: str) -> AsyncIterator[Env]:
-    """A started store and a world whose policy host will be on `address`."""
-    db_path = str(tmp_path / "queue.sqlite3")
+async def open_env(tmp_path: Path, address: str, database: str | None = None) -> AsyncIterator[Env]:
+    """A started store (on `database`, by default a SQLite file) and a world whose policy host
+    will be on `address`."""
+    db_path = database or str(tmp_path / "queue.sqlite3")
     store = Store(db_path)
     await store.start()
     async with World(tmp_path / "world") as world:

@@ -31,8 +31,9 @@ WHERE = f"{HOST}[{ADDRESS}]"
 
 
 @pytest.fixture
-async def env(tmp_path: Path) -> AsyncIterator[Env]:
-    async with open_env(tmp_path, ADDRESS) as e:
+async def env(tmp_path: Path, database: str) -> AsyncIterator[Env]:
+    """On each backend (SQLite and PostgreSQL, tests/conftest.py `database`)."""
+    async with open_env(tmp_path, ADDRESS, database) as e:
         yield e
 
 

@@ -16,7 +16,10 @@ import time
 from pathlib import Path
 from typing import Any
 
+import pytest
+
 from mailrelay.store import queue
+from mailrelay.store.backend import is_url
 from tests.conftest import Relay, RelayFactory, add_user, make_config
 from tests.test_submission import MESSAGE, queued_id, send_raw
 from tests.test_submission_syntax import refused_events
@@ -72,17 +75,26 @@ def mail(relay: Relay) -> tuple[Reply, tuple[float, float]]:
         client.quit()
 
 
-async def start(tmp_path: Path, relay_factory: RelayFactory, **limits: Any) -> Relay:
-    cfg = make_config(tmp_path, limits={**NO_LIMITS, **limits})
+@pytest.fixture
+def storage(database: str) -> dict[str, str]:
+    """The [storage] section on each backend (tests/conftest.py `database`): the counters live
+    in the store, and on PostgreSQL the sessions' transactions race there."""
+    return {"url": database} if is_url(database) else {}
+
+
+async def start(
+    tmp_path: Path, relay_factory: RelayFactory, storage: dict[str, str], **limits: Any
+) -> Relay:
+    cfg = make_config(tmp_path, storage=storage, limits={**NO_LIMITS, **limits})
     add_user(cfg, "alice@example.org")
     add_user(cfg, "bob@example.org", "bob's own password")
     return await relay_factory(cfg)
 
 
 async def test_messages_per_minute_survive_a_restart(
-    tmp_path: Path, relay_factory: RelayFactory
+    tmp_path: Path, relay_factory: RelayFactory, storage: dict[str, str]
 ) -> None:
-    first = await start(tmp_path, relay_factory, messages_per_minute=2)
+    first = await start(tmp_path, relay_factory, storage, messages_per_minute=2)
     await in_one_window(60)
     queued_id(await run(submit, first, ["carol@example.net"]))
     await first.service.stop()
@@ -107,9 +119,9 @@ async def test_messages_per_minute_survive_a_restart(
 
 
 async def test_a_refused_message_counts_for_nothing(
-    tmp_path: Path, relay_factory: RelayFactory
+    tmp_path: Path, relay_factory: RelayFactory, storage: dict[str, str]
 ) -> None:
-    relay = await start(tmp_path, relay_factory, messages_per_minute=1)
+    relay = await start(tmp_path, relay_factory, storage, messages_per_minute=1)
     await in_one_window(60)
 
     def converse() -> list[Reply]:
@@ -133,9 +145,9 @@ async def test_a_refused_message_counts_for_nothing(
 
 
 async def test_sessions_side_by_side_cannot_both_pass_the_message_rate(
-    tmp_path: Path, relay_factory: RelayFactory
+    tmp_path: Path, relay_factory: RelayFactory, storage: dict[str, str]
 ) -> None:
-    relay = await start(tmp_path, relay_factory, messages_per_minute=1)
+    relay = await start(tmp_path, relay_factory, storage, messages_per_minute=1)
     await in_one_window(60)
 
     def converse() -> tuple[Reply, Reply]:
@@ -167,9 +179,9 @@ async def test_sessions_side_by_side_cannot_both_pass_the_message_rate(
 
 
 async def test_recipients_per_hour_count_the_transaction_and_survive_a_restart(
-    tmp_path: Path, relay_factory: RelayFactory
+    tmp_path: Path, relay_factory: RelayFactory, storage: dict[str, str]
 ) -> None:
-    first = await start(tmp_path, relay_factory, recipients_per_hour=3)
+    first = await start(tmp_path, relay_factory, storage, recipients_per_hour=3)
     await in_one_window(3600, needed=60)
     queued_id(await run(submit, first, ["bob@example.net", "carol@example.net"]))
     await first.service.stop()
@@ -211,8 +223,12 @@ async def test_recipients_per_hour_count_the_transaction_and_survive_a_restart(
     assert limit_refusals(second, "recipients_per_hour") == 2
 
 
-async def test_recipients_per_day(tmp_path: Path, relay_factory: RelayFactory) -> None:
-    relay = await start(tmp_path, relay_factory, recipients_per_hour=10, recipients_per_day=2)
+async def test_recipients_per_day(
+    tmp_path: Path, relay_factory: RelayFactory, storage: dict[str, str]
+) -> None:
+    relay = await start(
+        tmp_path, relay_factory, storage, recipients_per_hour=10, recipients_per_day=2
+    )
     await in_one_window(86400, needed=60)
 
     def converse() -> tuple[Reply, Reply, tuple[float, float]]:
@@ -238,8 +254,10 @@ async def test_recipients_per_day(tmp_path: Path, relay_factory: RelayFactory) -
     assert limit_refusals(relay, "recipients_per_hour") == 0
 
 
-async def test_zero_means_no_limit(tmp_path: Path, relay_factory: RelayFactory) -> None:
-    relay = await start(tmp_path, relay_factory)
+async def test_zero_means_no_limit(
+    tmp_path: Path, relay_factory: RelayFactory, storage: dict[str, str]
+) -> None:
+    relay = await start(tmp_path, relay_factory, storage)
 
     def converse() -> list[Reply]:
         client = relay.session()

@@ -22,7 +22,8 @@ from mailrelay.config import Config
 from mailrelay.delivery.result import Evidence, Insecure, Kind, Result
 from mailrelay.delivery.runner import QueueRunner
 from mailrelay.metrics import Metrics
-from mailrelay.store import Store, claims, queue
+from mailrelay.store import Store, claims, connect, queue
+from mailrelay.store.backend import Connection, is_url
 from mailrelay.store.claims import Job
 from tests.conftest import make_config
 
@@ -108,9 +109,14 @@ class Harness:
             functools.partial(queue.enqueue, message=msg, now=time.time())
         )
 
-    def recipients(self, message_id: str) -> list[sqlite3.Row]:
-        conn = sqlite3.connect(self.path)
-        conn.row_factory = sqlite3.Row
+    def recipients(self, message_id: str) -> list[Any]:
+        conn: Connection
+        if is_url(self.path):
+            conn = connect(self.path)
+        else:
+            # A plain reader: connect() would migrate, and wait for a held write lock.
+            conn = sqlite3.connect(self.path)
+            conn.row_factory = sqlite3.Row
         try:
             return conn.execute(
                 "SELECT address, state, attempts, status, reply FROM recipients"
@@ -129,10 +135,9 @@ class Harness:
                 await asyncio.sleep(0.02)
 
 
-@pytest.fixture
-async def harness(tmp_path: Path) -> AsyncIterator[Harness]:
+async def _harness(tmp_path: Path, database: str) -> AsyncIterator[Harness]:
     config = make_config(tmp_path, delivery={"hold": False, "max_queue_lifetime": "1h"})
-    h = Harness(config, config.storage.path, Clock())
+    h = Harness(config, database, Clock())
     yield h
     if h.runner is not None:
         await h.runner.stop(grace=0)
@@ -140,9 +145,24 @@ async def harness(tmp_path: Path) -> AsyncIterator[Harness]:
         await h.store.stop()
 
 
+@pytest.fixture
+async def harness(tmp_path: Path, database: str) -> AsyncIterator[Harness]:
+    """On each backend (SQLite and PostgreSQL, tests/conftest.py `database`)."""
+    async for h in _harness(tmp_path, database):
+        yield h
+
+
+@pytest.fixture
+async def sqlite_harness(tmp_path: Path) -> AsyncIterator[Harness]:
+    """For what only SQLite has: another process holding the file's write lock."""
+    async for h in _harness(tmp_path, str(tmp_path / "queue.sqlite3")):
+        yield h
+
+
 async def test_commit_failure_after_remote_250_is_retried_not_redelivered(
-    harness: Harness,
+    sqlite_harness: Harness,
 ) -> None:
+    harness = sqlite_harness
     blocker = sqlite3.connect(harness.path, isolation_level=None)
 
     async def sent_then_lock(job: Job) -> list[Result]:

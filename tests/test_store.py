@@ -1,16 +1,17 @@
-"""The store: group commit, one failed operation not sinking its group, a full disk answered
-with 451 so the client keeps the message, a dead writer, and fsync at every commit."""
+"""The store: group commit, one failed operation not sinking its group (on SQLite and on
+PostgreSQL), a full disk answered with 451 so the client keeps the message, a dead writer, and
+fsync at every commit."""
 
 from __future__ import annotations
 
 import asyncio
 import functools
-import sqlite3
 from pathlib import Path
 
 import pytest
 
 from mailrelay.store import Store, queue
+from mailrelay.store.backend import Connection
 from mailrelay.store.writer import StoreFailed
 from tests.conftest import Relay
 from tests.test_submission import MESSAGE, queued_id, send_raw
@@ -27,8 +28,8 @@ def insert(n: int) -> queue.NewMessage:
     )
 
 
-async def test_concurrent_writes_share_commits(tmp_path: Path) -> None:
-    store = Store(str(tmp_path / "q.sqlite3"))
+async def test_concurrent_writes_share_commits(database: str) -> None:
+    store = Store(database)
     await store.start()
     try:
         ops = [functools.partial(queue.enqueue, message=insert(n), now=0.0) for n in range(200)]
@@ -42,11 +43,11 @@ async def test_concurrent_writes_share_commits(tmp_path: Path) -> None:
         await store.stop()
 
 
-async def test_a_failing_operation_is_rolled_back_alone(tmp_path: Path) -> None:
-    store = Store(str(tmp_path / "q.sqlite3"))
+async def test_a_failing_operation_is_rolled_back_alone(database: str) -> None:
+    store = Store(database)
     await store.start()
 
-    def broken(conn: sqlite3.Connection) -> str:
+    def broken(conn: Connection) -> str:
         queue.enqueue(conn, insert(0), 0.0)
         raise ValueError("half done")
 
@@ -97,7 +98,7 @@ class WriterKilled(BaseException):
     """Stands for what kills a writer thread for good (ROLLBACK itself failing, say)."""
 
 
-def kill_writer(conn: sqlite3.Connection) -> None:
+def kill_writer(conn: Connection) -> None:
     raise WriterKilled("the writer's connection broke")
 
 

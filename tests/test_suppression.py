@@ -305,8 +305,9 @@ def bounced(status: str, address: str = "Bob@x.example") -> RecipientUpdate:
 
 
 @pytest.fixture
-def db(tmp_path: Path) -> Any:
-    conn = connect(str(tmp_path / "queue.sqlite3"))
+def db(database: str) -> Any:
+    """On each backend (SQLite and PostgreSQL, tests/conftest.py `database`)."""
+    conn = connect(database)
     yield conn
     conn.close()
 

@@ -12,7 +12,8 @@ from pathlib import Path
 
 import pytest
 
-from mailrelay.store import connect, tlsrpt
+from mailrelay.store import tlsrpt
+from mailrelay.store.db import connect_sqlite
 from mailrelay.store.queue import transaction
 from mailrelay.tlsrpt import report
 from mailrelay.tlsrpt.model import AppliedPolicy, Session
@@ -71,7 +72,7 @@ async def test_send_now_list_and_show(
     assert user_error(cli(config, "tlsrpt", "list")).startswith("no database at ")
     day = tlsrpt.utc_day(time.time() - 86400)
     policy = AppliedPolicy("sts", "sts.example", ("version: STSv1",), ("mx1.sts.example",))
-    with connect(str(tmp_path / "queue.sqlite3")) as conn, transaction(conn):
+    with connect_sqlite(str(tmp_path / "queue.sqlite3")) as conn, transaction(conn):
         tlsrpt.record_sessions(
             conn,
             [

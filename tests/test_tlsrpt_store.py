@@ -5,11 +5,12 @@ deliveries claimed, settled and pruned, and the marker that keeps a report's own
 from __future__ import annotations
 
 import json
-import sqlite3
+from collections.abc import Iterator
 
 import pytest
 
 from mailrelay.store import connect, tlsrpt
+from mailrelay.store.backend import Connection
 from mailrelay.store.queue import NewMessage, enqueue, transaction
 from mailrelay.tlsrpt import report
 from mailrelay.tlsrpt.model import AppliedPolicy, Session
@@ -31,8 +32,11 @@ WHO = report.Identity(
 
 
 @pytest.fixture
-def conn() -> sqlite3.Connection:
-    return connect(":memory:")
+def conn(database: str) -> Iterator[Connection]:
+    """On each backend (SQLite and PostgreSQL, tests/conftest.py `database`)."""
+    db = connect(database)
+    yield db
+    db.close()
 
 
 def ok(at: float, policy: AppliedPolicy = STS) -> Session:
@@ -45,12 +49,12 @@ def expired(at: float, receiving_ip: str = "127.0.90.1", reason: str | None = No
     )
 
 
-def rows(conn: sqlite3.Connection, table: str) -> int:
+def rows(conn: Connection, table: str) -> int:
     return int(conn.execute(f"SELECT count(*) FROM {table}").fetchone()[0])  # noqa: S608
 
 
 def test_a_thousand_sessions_are_one_policy_row_and_one_row_per_distinct_failure(
-    conn: sqlite3.Connection,
+    conn: Connection,
 ) -> None:
     sessions = [ok(START + i) for i in range(600)]
     sessions += [expired(START + i, f"127.0.90.{1 + i % 2}") for i in range(400)]
@@ -68,7 +72,7 @@ def test_a_thousand_sessions_are_one_policy_row_and_one_row_per_distinct_failure
     ]
 
 
-def test_sessions_are_filed_under_their_utc_day_domain_and_policy(conn: sqlite3.Connection) -> None:
+def test_sessions_are_filed_under_their_utc_day_domain_and_policy(conn: Connection) -> None:
     tlsrpt.record_sessions(
         conn,
         [
@@ -95,7 +99,7 @@ def test_sessions_are_filed_under_their_utc_day_domain_and_policy(conn: sqlite3.
 
 
 def test_a_failure_keeps_its_latest_reason_and_an_unknown_type_is_a_validation_failure(
-    conn: sqlite3.Connection,
+    conn: Connection,
 ) -> None:
     tlsrpt.record_sessions(conn, [expired(START, reason="notAfter 2024-04-30")])
     tlsrpt.record_sessions(conn, [expired(START + 1), expired(START + 2, reason="still expired")])
@@ -108,7 +112,7 @@ def test_a_failure_keeps_its_latest_reason_and_an_unknown_type_is_a_validation_f
     assert policy.failed == 4
 
 
-def test_the_report_of_a_day(conn: sqlite3.Connection) -> None:
+def test_the_report_of_a_day(conn: Connection) -> None:
     tlsrpt.record_sessions(
         conn,
         [
@@ -184,7 +188,7 @@ def test_the_report_of_a_day(conn: sqlite3.Connection) -> None:
     )
 
 
-def add_report(conn: sqlite3.Connection, key: str = "AAAA", day: str = DAY) -> None:
+def add_report(conn: Connection, key: str = "AAAA", day: str = DAY) -> None:
     tlsrpt.add_report(
         conn,
         report_key=key,
@@ -197,7 +201,7 @@ def add_report(conn: sqlite3.Connection, key: str = "AAAA", day: str = DAY) -> N
     )
 
 
-def test_a_report_takes_its_day_out_of_the_aggregates(conn: sqlite3.Connection) -> None:
+def test_a_report_takes_its_day_out_of_the_aggregates(conn: Connection) -> None:
     tlsrpt.record_sessions(conn, [expired(START), ok(NEXT)])
     add_report(conn)
     assert tlsrpt.days_with_sessions(conn, "2024-05-03") == [("sts.example", "2024-05-02")]
@@ -208,7 +212,7 @@ def test_a_report_takes_its_day_out_of_the_aggregates(conn: sqlite3.Connection) 
     assert tlsrpt.get_report(conn, "BBBB") is None
 
 
-def test_deliveries_are_claimed_once_until_the_lease_runs_out(conn: sqlite3.Connection) -> None:
+def test_deliveries_are_claimed_once_until_the_lease_runs_out(conn: Connection) -> None:
     add_report(conn)
     now = START + 100000
     first = tlsrpt.claim_due(conn, now, lease=600)
@@ -232,7 +236,7 @@ def test_deliveries_are_claimed_once_until_the_lease_runs_out(conn: sqlite3.Conn
     ]
 
 
-def queue_report_mail(conn: sqlite3.Connection, key: str) -> str:
+def queue_report_mail(conn: Connection, key: str) -> str:
     message = NewMessage(
         "", ("tlsrpt@rpt.example",), b"From: x@example.org\r\n\r\n", None, None, None
     )
@@ -242,7 +246,7 @@ def queue_report_mail(conn: sqlite3.Connection, key: str) -> str:
     return message_id
 
 
-def test_mailed_reports_settle_when_their_message_does(conn: sqlite3.Connection) -> None:
+def test_mailed_reports_settle_when_their_message_does(conn: Connection) -> None:
     add_report(conn, "AAAA")
     add_report(conn, "BBBB", "2024-04-30")
     add_report(conn, "CCCC", "2024-04-29")
@@ -276,7 +280,7 @@ def test_mailed_reports_settle_when_their_message_does(conn: sqlite3.Connection)
     ]
 
 
-def test_only_report_messages_are_marked(conn: sqlite3.Connection) -> None:
+def test_only_report_messages_are_marked(conn: Connection) -> None:
     add_report(conn)
     report_mail = queue_report_mail(conn, "AAAA")
     other = enqueue(
@@ -287,7 +291,7 @@ def test_only_report_messages_are_marked(conn: sqlite3.Connection) -> None:
     assert not tlsrpt.is_report_message(conn, "NO-SUCH-ID")
 
 
-def test_prune_keeps_what_is_still_under_way(conn: sqlite3.Connection) -> None:
+def test_prune_keeps_what_is_still_under_way(conn: Connection) -> None:
     add_report(conn, "OLD", "2024-03-01")
     add_report(conn, "BUSY", "2024-03-02")
     add_report(conn, "NEW", "2024-04-20")
@@ -299,13 +303,13 @@ def test_prune_keeps_what_is_still_under_way(conn: sqlite3.Connection) -> None:
     assert tlsrpt.days_with_sessions(conn, "2024-05-02") == [("sts.example", DAY)]
 
 
-def test_a_malformed_session_is_dropped_not_the_commit(conn: sqlite3.Connection) -> None:
+def test_a_malformed_session_is_dropped_not_the_commit(conn: Connection) -> None:
     # record_sessions runs in the delivery runner's commit: it must not fail it.
     tlsrpt.record_sessions(conn, [Session(float("nan"), STS, None), ok(START)])
     [policy] = tlsrpt.aggregates(conn, "sts.example", DAY)
     assert (policy.successful, policy.failed) == (1, 0)
 
 
-def test_policy_domains_are_kept_in_a_labels(conn: sqlite3.Connection) -> None:
+def test_policy_domains_are_kept_in_a_labels(conn: Connection) -> None:
     tlsrpt.record_sessions(conn, [ok(START, AppliedPolicy("no-policy-found", "Bücher.Example."))])
     assert tlsrpt.days_with_sessions(conn, "2024-05-02") == [("xn--bcher-kva.example", DAY)]

@@ -23,6 +23,7 @@ from mailrelay.api.errors import ApiError
 from mailrelay.api.messages import RATE_HEADERS_DOC
 from mailrelay.metrics import API_REFUSALS
 from mailrelay.store import apikeys, queue, usage
+from mailrelay.store.backend import Connection
 from mailrelay.store.suppressions import Suppression
 
 router = APIRouter(prefix="/v1")
@@ -113,7 +114,7 @@ async def send_batch(request: Request) -> JSONResponse:
     idempotency_key = request.headers.get("idempotency-key")
     usable_key = idempotency_key is not None and sending.valid_idempotency_key(idempotency_key)
 
-    def facts(c: sqlite3.Connection) -> tuple[apikeys.KeptAnswer | None, usage.Usage]:
+    def facts(c: Connection) -> tuple[apikeys.KeptAnswer | None, usage.Usage]:
         kept = None
         if idempotency_key is not None and usable_key:
             kept = apikeys.kept_answer(c, key.id, idempotency_key)
@@ -138,7 +139,7 @@ async def send_batch(request: Request) -> JSONResponse:
         drafted = await _draft_all(ctx, request, key, items, now, used)
 
         def commit(
-            c: sqlite3.Connection,
+            c: Connection,
         ) -> tuple[apikeys.KeptAnswer | None, list[dict[str, Any]], usage.Usage]:
             if idempotency_key is not None:
                 kept = apikeys.kept_answer(c, key.id, idempotency_key)

@@ -7,7 +7,6 @@ which domains an API client may send for is the operator's decision, taken on th
 
 from __future__ import annotations
 
-import sqlite3
 from collections.abc import Awaitable
 from typing import Any, TypeVar
 
@@ -27,6 +26,7 @@ from mailrelay.api.manage import (
     own_domain,
 )
 from mailrelay.store import accounts
+from mailrelay.store.backend import Connection
 from mailrelay.submission.accept import split_address
 
 T = TypeVar("T")
@@ -226,7 +226,7 @@ async def retire_dkim(
     name = own_domain(key, domain)
     ctx = context(request)
 
-    def retire(c: sqlite3.Connection) -> onboarding.DomainReport:
+    def retire(c: Connection) -> onboarding.DomainReport:
         onboarding.retire_key(c, name, selector)
         return onboarding.records(c, ctx.config, name)
 

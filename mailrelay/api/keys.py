@@ -6,7 +6,6 @@ domains is out of reach of a key of one of them. A token is answered once, when 
 
 from __future__ import annotations
 
-import sqlite3
 import time
 
 from fastapi import APIRouter, Request, Response
@@ -15,6 +14,7 @@ from pydantic import BaseModel, Field
 from mailrelay.api.errors import ApiError
 from mailrelay.api.manage import UNAUTHORIZED, ManageKey, context
 from mailrelay.store import accounts, apikeys
+from mailrelay.store.backend import Connection
 
 router = APIRouter(prefix="/v1", tags=["keys"])
 
@@ -65,7 +65,7 @@ async def add_key(key: ManageKey, body: NewKey, request: Request) -> MadeKey:
                 403, "forbidden", f"this key manages {', '.join(key.domains)} only", f"domains[{i}]"
             )
 
-    def add(conn: sqlite3.Connection) -> tuple[apikeys.ApiKey, str]:
+    def add(conn: Connection) -> tuple[apikeys.ApiKey, str]:
         # A domain this key holds but that is not added yet may be handed on as it was given.
         return apikeys.add(conn, domains, body.scope, time.time(), new_domains=True)
 
@@ -82,7 +82,7 @@ async def revoke_key(key: ManageKey, key_id: str, request: Request) -> Response:
     """Revoke a key (`apikey revoke`): it is refused from the next request on. A key may revoke
     itself."""
 
-    def revoke(conn: sqlite3.Connection) -> None:
+    def revoke(conn: Connection) -> None:
         found = apikeys.get(conn, key_id)
         if found is None or not all(key.owns(d) for d in found.domains):
             raise accounts.NotFound(f"no active API key {key_id.upper()}")

@@ -4,7 +4,6 @@ as the CLI runs them), and GET /v1/tls-check/{domain}: `mailrelay tls-check DOMA
 from __future__ import annotations
 
 import asyncio
-import sqlite3
 from collections.abc import Awaitable, Callable
 from typing import Annotated, Any, TypeVar
 
@@ -14,6 +13,7 @@ from mailrelay.api.auth import api_key
 from mailrelay.api.context import ApiContext
 from mailrelay.api.errors import ApiError
 from mailrelay.store import apikeys, connect
+from mailrelay.store.backend import Connection
 from mailrelay.submission.accept import split_address
 
 T = TypeVar("T")
@@ -62,7 +62,7 @@ def own_domain(key: apikeys.ApiKey, text: str) -> str:
     return name
 
 
-async def on_own_connection(ctx: ApiContext, step: Callable[[sqlite3.Connection], T]) -> T:
+async def on_own_connection(ctx: ApiContext, step: Callable[[Connection], T]) -> T:
     """Run a CLI step (`onboarding`) on a connection of its own, in a worker thread.
 
     Those steps commit their own transactions, as the CLI's do, so they cannot run inside the
@@ -79,9 +79,7 @@ async def on_own_connection(ctx: ApiContext, step: Callable[[sqlite3.Connection]
     return await asyncio.to_thread(run)
 
 
-async def async_on_own_connection(
-    ctx: ApiContext, step: Callable[[sqlite3.Connection], Awaitable[T]]
-) -> T:
+async def async_on_own_connection(ctx: ApiContext, step: Callable[[Connection], Awaitable[T]]) -> T:
     """`on_own_connection` for a step that also waits on the network (DNS checks, probes): it
     runs on an event loop of its worker thread, so its database calls never block this one."""
     return await on_own_connection(ctx, lambda conn: asyncio.run(_awaited(step(conn))))

@@ -36,6 +36,7 @@ from mailrelay.api.sending import (
     valid_idempotency_key,
 )
 from mailrelay.store import apikeys, queue, usage
+from mailrelay.store.backend import Connection
 
 router = APIRouter(prefix="/v1")
 
@@ -96,7 +97,7 @@ async def send(request: Request) -> JSONResponse:
     idempotency_key = request.headers.get("idempotency-key")
     usable_key = idempotency_key is not None and valid_idempotency_key(idempotency_key)
 
-    def facts(c: sqlite3.Connection) -> tuple[apikeys.KeptAnswer | None, usage.Usage]:
+    def facts(c: Connection) -> tuple[apikeys.KeptAnswer | None, usage.Usage]:
         kept = None
         if idempotency_key is not None and usable_key:
             kept = apikeys.kept_answer(c, key.id, idempotency_key)
@@ -120,7 +121,7 @@ async def send(request: Request) -> JSONResponse:
         )
 
         def commit(
-            c: sqlite3.Connection,
+            c: Connection,
         ) -> tuple[apikeys.KeptAnswer | None, quota.Over | usage.Usage]:
             if idempotency_key is not None:
                 # Checked again where writes are serialized: of two retries racing, one queues.
@@ -183,7 +184,7 @@ async def get_message(message_id: str, request: Request) -> dict[str, Any]:
     ctx: ApiContext = request.app.state.ctx
     key = await api_key(request, "read")
 
-    def find(c: sqlite3.Connection) -> dict[str, object] | None:
+    def find(c: Connection) -> dict[str, object] | None:
         row = c.execute(
             "SELECT sender_domain FROM messages WHERE id = ?", (message_id.upper(),)
         ).fetchone()

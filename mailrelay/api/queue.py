@@ -3,7 +3,6 @@
 
 from __future__ import annotations
 
-import sqlite3
 import time
 from typing import Any
 
@@ -13,6 +12,7 @@ from pydantic import BaseModel
 from mailrelay.api.errors import ApiError
 from mailrelay.api.manage import UNAUTHORIZED, ManageKey, context
 from mailrelay.store import apikeys, queue
+from mailrelay.store.backend import Connection
 
 router = APIRouter(prefix="/v1", tags=["queue"])
 
@@ -27,7 +27,7 @@ class Retried(BaseModel):
     """How many of its recipients are due now."""
 
 
-def _require_own(conn: sqlite3.Connection, key: apikeys.ApiKey, message_id: str) -> None:
+def _require_own(conn: Connection, key: apikeys.ApiKey, message_id: str) -> None:
     row = conn.execute(
         "SELECT sender_domain FROM messages WHERE id = ?", (message_id.upper(),)
     ).fetchone()
@@ -48,7 +48,7 @@ async def retry_message(key: ManageKey, message_id: str, request: Request) -> Re
     """Make its queued and deferred recipients due now (`queue retry ID`)."""
     ctx = context(request)
 
-    def retry(conn: sqlite3.Connection) -> int:
+    def retry(conn: Connection) -> int:
         _require_own(conn, key, message_id)
         return queue.retry(conn, message_id, time.time())
 
@@ -64,7 +64,7 @@ async def delete_message(key: ManageKey, message_id: str, request: Request) -> R
     """Remove it from the queue, whatever its recipients' states (`queue delete ID`). Its events
     stay in the operator's `mailrelay log`; GET /v1/events no longer shows them."""
 
-    def delete(conn: sqlite3.Connection) -> None:
+    def delete(conn: Connection) -> None:
         _require_own(conn, key, message_id)
         queue.delete(conn, message_id)
 

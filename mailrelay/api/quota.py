@@ -10,12 +10,12 @@ where requests running side by side cannot both pass.
 
 from __future__ import annotations
 
-import sqlite3
 from dataclasses import dataclass
 
 from mailrelay.api.errors import ApiError
 from mailrelay.config import LimitsConfig
 from mailrelay.store import usage
+from mailrelay.store.backend import Connection
 
 
 def principal(key_id: str) -> str:
@@ -108,10 +108,10 @@ def headers(limits: LimitsConfig, used: usage.Usage | None, now: float) -> dict[
     return {"RateLimit-Policy": policy, "RateLimit": ", ".join(state)}
 
 
-def current(conn: sqlite3.Connection, key_id: str, now: float) -> usage.Usage:
+def current(conn: Connection, key_id: str, now: float) -> usage.Usage:
     return usage.current(conn, principal(key_id), now)
 
 
-def count(conn: sqlite3.Connection, key_id: str, now: float, recipients: int) -> usage.Usage:
+def count(conn: Connection, key_id: str, now: float, recipients: int) -> usage.Usage:
     """One message with `recipients` recipients, counted in the queueing transaction."""
     return usage.count(conn, principal(key_id), now, recipients)

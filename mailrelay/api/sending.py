@@ -32,6 +32,7 @@ from mailrelay.store import (
     usage,
     webhooks,
 )
+from mailrelay.store.backend import Connection
 from mailrelay.submission import headers
 from mailrelay.submission.accept import Principal, Refusal
 from mailrelay.submission.handler import suppressed as suppressed_reply
@@ -137,7 +138,7 @@ async def _draft(
     check_suppressions = ctx.config.suppression.enabled
 
     def facts(
-        c: sqlite3.Connection,
+        c: Connection,
     ) -> tuple[accounts.Domain | None, list[suppressions.Suppression | None]]:
         found = [
             suppressions.lookup(c, sender_domain, r, now) if check_suppressions else None
@@ -222,7 +223,7 @@ def _refusals(exc: ApiError, recipients: list[str]) -> tuple[tuple[str, str], ..
 
 
 def commit_draft(
-    c: sqlite3.Connection, ctx: ApiContext, key_id: str, pending: Draft, now: float
+    c: Connection, ctx: ApiContext, key_id: str, pending: Draft, now: float
 ) -> quota.Over | usage.Usage:
     """Queue and count one message in the caller's transaction, with the REFUSED events of its
     suppressed recipients; or, if the key's limits have no room for it now, record its
@@ -239,7 +240,7 @@ def commit_draft(
 
 
 def record_events(
-    c: sqlite3.Connection,
+    c: Connection,
     ctx: ApiContext,
     queue_id: str,
     refused: tuple[tuple[str, str], ...],

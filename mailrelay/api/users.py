@@ -7,7 +7,6 @@ never stored, logged or answered back as given.
 from __future__ import annotations
 
 import asyncio
-import sqlite3
 import time
 from collections.abc import Callable
 from typing import Any, TypeVar
@@ -18,6 +17,7 @@ from pydantic import BaseModel, Field
 from mailrelay.api.errors import ApiError
 from mailrelay.api.manage import UNAUTHORIZED, ManageKey, context
 from mailrelay.store import accounts, apikeys, senders
+from mailrelay.store.backend import Connection
 from mailrelay.submission.accept import split_address
 from mailrelay.submission.auth import hash_password
 
@@ -84,7 +84,7 @@ def _senders(key: apikeys.ApiKey, values: list[str], field: str) -> list[str]:
     return out
 
 
-def _user(conn: sqlite3.Connection, key: apikeys.ApiKey, address: str) -> User:
+def _user(conn: Connection, key: apikeys.ApiKey, address: str) -> User:
     """The user, if it is one of the key's domains; else NotFound (a 404)."""
     row = conn.execute(
         "SELECT address, domain, created_at FROM users WHERE address = ?", (address.lower(),)
@@ -117,7 +117,7 @@ async def _hashed(password: str) -> str:
 async def list_users(key: ManageKey, request: Request) -> list[User]:
     """The users of the key's domains, with whom each may send as."""
 
-    def users(conn: sqlite3.Connection) -> list[User]:
+    def users(conn: Connection) -> list[User]:
         send_as = senders.all_send_as(conn)
         return [
             User(
@@ -149,7 +149,7 @@ async def add_user(key: ManageKey, body: NewUser, request: Request) -> User:
     grants = _senders(key, body.may_send_as, "may_send_as")
     hashed = await _hashed(body.password)
 
-    def add(conn: sqlite3.Connection) -> User:
+    def add(conn: Connection) -> User:
         now = time.time()
         try:
             accounts.add_user(conn, address, hashed, now)
@@ -174,7 +174,7 @@ async def set_password(key: ManageKey, address: str, body: Password, request: Re
     """Change the user's password (`user passwd`)."""
     hashed = await _hashed(body.password)
 
-    def change(conn: sqlite3.Connection) -> None:
+    def change(conn: Connection) -> None:
         _user(conn, key, address)
         accounts.set_password(conn, address, hashed)
 
@@ -196,7 +196,7 @@ async def modify_user(key: ManageKey, address: str, body: SendAsChange, request:
     if both:
         raise ApiError(422, "invalid", f"{both[0]} is both granted and taken back", "may_send_as")
 
-    def modify(conn: sqlite3.Connection) -> User:
+    def modify(conn: Connection) -> User:
         user = _user(conn, key, address)
         now = time.time()
         for i, sender in enumerate(revokes):
@@ -218,7 +218,7 @@ async def modify_user(key: ManageKey, address: str, body: SendAsChange, request:
 async def delete_user(key: ManageKey, address: str, request: Request) -> Response:
     """Delete the user (`user delete`): their SMTP logins fail from now on."""
 
-    def delete(conn: sqlite3.Connection) -> None:
+    def delete(conn: Connection) -> None:
         _user(conn, key, address)
         accounts.delete_user(conn, address)
 
@@ -226,7 +226,7 @@ async def delete_user(key: ManageKey, address: str, request: Request) -> Respons
     return Response(status_code=204)
 
 
-async def _written(request: Request, op: Callable[[sqlite3.Connection], T]) -> T:
+async def _written(request: Request, op: Callable[[Connection], T]) -> T:
     """Commit `op`; a user that is not there (or not of the key's domains) is a 404."""
     try:
         return await context(request).store.write(op)

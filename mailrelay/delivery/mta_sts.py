@@ -32,6 +32,7 @@ from mailrelay.delivery.sts_fetch import (
     parse_policy,
 )
 from mailrelay.store import Store, sts_cache
+from mailrelay.store.backend import Connection
 from mailrelay.store.sts_cache import CachedStsPolicy, StsMode
 
 __all__ = [
@@ -151,7 +152,7 @@ class ConnectionStsCache:
     """The CLI's cache (`tls-check`): the same table on a connection from `store.connect`,
     opened in autocommit mode, so each statement commits by itself."""
 
-    def __init__(self, conn: sqlite3.Connection) -> None:
+    def __init__(self, conn: Connection) -> None:
         self._conn = conn
 
     async def get(self, domain: str) -> StsPolicy | None:

@@ -163,7 +163,7 @@ async def _child_main(config: Config, sock: socket.socket) -> None:
     from mailrelay.webhooks.dispatcher import Dispatcher
 
     metrics = Metrics()
-    store = Store(config.storage.path)
+    store = Store(config.storage.database)
     await store.start()
     # This is the only process that claims: whatever is still claimed was its predecessor's.
     released = await store.write(lambda c: claims.release_interrupted(c, time.time()))

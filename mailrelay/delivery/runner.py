@@ -27,6 +27,7 @@ from mailrelay.delivery.result import Insecure, Kind, Result
 from mailrelay.metrics import Metrics
 from mailrelay.store import Store, accounts, claims, queue, suppressions, webhooks
 from mailrelay.store import tlsrpt as tlsrpt_store
+from mailrelay.store.backend import Connection
 from mailrelay.store.claims import ClaimedRecipient, Job, RecipientUpdate
 from mailrelay.store.writer import StoreClosed
 from mailrelay.tlsrpt import model as tlsrpt_model
@@ -269,7 +270,7 @@ class QueueRunner:
         now = self.clock()
         suppression = self.config.suppression
 
-        def commit(conn: sqlite3.Connection) -> str | None:
+        def commit(conn: Connection) -> str | None:
             claims.record(conn, job.message_id, updates, now)
             if bounced and suppression.enabled:  # a hard bounce stops the sending domain
                 suppressions.add_from_bounces(conn, job, bounced, now, suppression.expiry)

@@ -6,6 +6,8 @@ import sqlite3
 from dataclasses import dataclass
 from typing import Literal
 
+from mailrelay.store.backend import Connection
+
 DomainState = Literal["unverified", "valid"]
 
 
@@ -24,7 +26,7 @@ class KeyInUse(ValueError):
 # ---- users ---------------------------------------------------------------------------------
 
 
-def add_user(conn: sqlite3.Connection, address: str, password_hash: str, now: float) -> None:
+def add_user(conn: Connection, address: str, password_hash: str, now: float) -> None:
     address = address.lower()
     domain = address.rpartition("@")[2]
     if get_domain(conn, domain) is None:
@@ -38,7 +40,7 @@ def add_user(conn: sqlite3.Connection, address: str, password_hash: str, now: fl
         raise AlreadyExists(f"user {address} exists already") from None
 
 
-def set_password(conn: sqlite3.Connection, address: str, password_hash: str) -> None:
+def set_password(conn: Connection, address: str, password_hash: str) -> None:
     cur = conn.execute(
         "UPDATE users SET password_hash = ? WHERE address = ?", (password_hash, address.lower())
     )
@@ -46,7 +48,7 @@ def set_password(conn: sqlite3.Connection, address: str, password_hash: str) -> 
         raise NotFound(f"no user {address.lower()}")
 
 
-def delete_user(conn: sqlite3.Connection, address: str) -> None:
+def delete_user(conn: Connection, address: str) -> None:
     cur = conn.execute("DELETE FROM users WHERE address = ?", (address.lower(),))
     if cur.rowcount == 0:
         raise NotFound(f"no user {address.lower()}")
@@ -55,14 +57,14 @@ def delete_user(conn: sqlite3.Connection, address: str) -> None:
     conn.execute("DELETE FROM user_usage WHERE user_address = ?", (address.lower(),))
 
 
-def password_hash(conn: sqlite3.Connection, address: str) -> str | None:
+def password_hash(conn: Connection, address: str) -> str | None:
     row = conn.execute(
         "SELECT password_hash FROM users WHERE address = ?", (address.lower(),)
     ).fetchone()
     return None if row is None else str(row[0])
 
 
-def list_users(conn: sqlite3.Connection) -> list[dict[str, object]]:
+def list_users(conn: Connection) -> list[dict[str, object]]:
     return [
         dict(r)
         for r in conn.execute("SELECT address, domain, created_at FROM users ORDER BY address")
@@ -92,7 +94,7 @@ class StoredKey:
     pending: bool = False
 
 
-def add_domain(conn: sqlite3.Connection, name: str, notify: str, now: float) -> Domain:
+def add_domain(conn: Connection, name: str, notify: str, now: float) -> Domain:
     name = name.lower().rstrip(".")
     try:
         conn.execute(
@@ -104,7 +106,7 @@ def add_domain(conn: sqlite3.Connection, name: str, notify: str, now: float) -> 
     return Domain(name, notify, "unverified", now, None)
 
 
-def get_domain(conn: sqlite3.Connection, name: str) -> Domain | None:
+def get_domain(conn: Connection, name: str) -> Domain | None:
     row = conn.execute(
         "SELECT name, notify, state, created_at, checked_at FROM domains WHERE name = ?",
         (name.lower().rstrip("."),),
@@ -112,14 +114,14 @@ def get_domain(conn: sqlite3.Connection, name: str) -> Domain | None:
     return None if row is None else Domain(*row)
 
 
-def require_domain(conn: sqlite3.Connection, name: str) -> Domain:
+def require_domain(conn: Connection, name: str) -> Domain:
     domain = get_domain(conn, name)
     if domain is None:
         raise NotFound(f"no domain {name.lower().rstrip('.')}")
     return domain
 
 
-def list_domains(conn: sqlite3.Connection) -> list[Domain]:
+def list_domains(conn: Connection) -> list[Domain]:
     return [
         Domain(*row)
         for row in conn.execute(
@@ -128,14 +130,14 @@ def list_domains(conn: sqlite3.Connection) -> list[Domain]:
     ]
 
 
-def set_domain_state(conn: sqlite3.Connection, name: str, state: DomainState, now: float) -> None:
+def set_domain_state(conn: Connection, name: str, state: DomainState, now: float) -> None:
     conn.execute(
         "UPDATE domains SET state = ?, checked_at = ? WHERE name = ?",
         (state, now, name.lower().rstrip(".")),
     )
 
 
-def add_key(conn: sqlite3.Connection, domain: str, key: StoredKey, now: float) -> None:
+def add_key(conn: Connection, domain: str, key: StoredKey, now: float) -> None:
     if key.active and key.pending:
         raise ValueError(f"DKIM key {key.selector}: a pending key does not sign yet")
     conn.execute(
@@ -154,7 +156,7 @@ def add_key(conn: sqlite3.Connection, domain: str, key: StoredKey, now: float) -
     )
 
 
-def activate_pending_keys(conn: sqlite3.Connection, domain: str, now: float) -> None:
+def activate_pending_keys(conn: Connection, domain: str, now: float) -> None:
     """The pending keys sign from now on; the keys that signed until now stay listed."""
     domain = domain.lower().rstrip(".")
     conn.execute("UPDATE dkim_keys SET active = 0 WHERE domain = ? AND active = 1", (domain,))
@@ -165,7 +167,7 @@ def activate_pending_keys(conn: sqlite3.Connection, domain: str, now: float) -> 
     )
 
 
-def delete_key(conn: sqlite3.Connection, domain: str, selector: str) -> StoredKey:
+def delete_key(conn: Connection, domain: str, selector: str) -> StoredKey:
     """Remove an inactive key's row and return it; an active key is refused (KeyInUse)."""
     domain = domain.lower().rstrip(".")
     row = conn.execute(
@@ -184,7 +186,7 @@ def delete_key(conn: sqlite3.Connection, domain: str, selector: str) -> StoredKe
     return key
 
 
-def keys(conn: sqlite3.Connection, domain: str, *, active_only: bool) -> list[StoredKey]:
+def keys(conn: Connection, domain: str, *, active_only: bool) -> list[StoredKey]:
     """The domain's keys in the order they were made: rotated-out, signing, then pending."""
     sql = _SELECT_KEYS
     if active_only:

@@ -15,6 +15,7 @@ from dataclasses import dataclass
 from typing import Literal, get_args
 
 from mailrelay.store.accounts import NotFound, get_domain
+from mailrelay.store.backend import Connection, dialect
 
 Scope = Literal["send", "read", "manage"]
 SCOPES: tuple[str, ...] = get_args(Scope)
@@ -69,7 +70,7 @@ def normalize_domains(domains: str | Iterable[str]) -> tuple[str, ...]:
 
 
 def add(
-    conn: sqlite3.Connection,
+    conn: Connection,
     domains: str | Iterable[str],
     scope: Scope,
     now: float,
@@ -102,29 +103,36 @@ def add(
 
 
 _SELECT = (
-    "SELECT k.id, group_concat(d.domain, ' '), k.scope, k.created_at, k.revoked_at"
+    "SELECT k.id, {domains}, k.scope, k.created_at, k.revoked_at"
     " FROM api_keys k JOIN api_key_domains d ON d.key_id = k.id"
 )
+_DOMAINS = {"sqlite": "group_concat(d.domain, ' ')", "postgresql": "string_agg(d.domain, ' ')"}
 
 
-def by_token(conn: sqlite3.Connection, token: str) -> ApiKey | None:
+def _select(conn: Connection) -> str:
+    return _SELECT.format(domains=_DOMAINS[dialect(conn)])
+
+
+def by_token(conn: Connection, token: str) -> ApiKey | None:
     """The key a bearer token belongs to, revoked or not (the caller refuses revoked ones)."""
     row = conn.execute(
-        _SELECT + " WHERE k.token_sha256 = ? GROUP BY k.id", (token_hash(token),)
+        _select(conn) + " WHERE k.token_sha256 = ? GROUP BY k.id", (token_hash(token),)
     ).fetchone()
     return None if row is None else _key(row)
 
 
-def get(conn: sqlite3.Connection, key_id: str) -> ApiKey | None:
-    row = conn.execute(_SELECT + " WHERE k.id = ? GROUP BY k.id", (key_id.upper(),)).fetchone()
+def get(conn: Connection, key_id: str) -> ApiKey | None:
+    row = conn.execute(
+        _select(conn) + " WHERE k.id = ? GROUP BY k.id", (key_id.upper(),)
+    ).fetchone()
     return None if row is None else _key(row)
 
 
-def list_keys(conn: sqlite3.Connection, within: Iterable[str] | None = None) -> list[ApiKey]:
+def list_keys(conn: Connection, within: Iterable[str] | None = None) -> list[ApiKey]:
     """Every key, by first domain and age; with `within`, only the keys whose domains are all
     among those (what a key that manages them may see)."""
     keys = sorted(
-        (_key(r) for r in conn.execute(_SELECT + " GROUP BY k.id")),
+        (_key(r) for r in conn.execute(_select(conn) + " GROUP BY k.id")),
         key=lambda k: (k.domains, k.created_at),
     )
     if within is None:
@@ -133,7 +141,7 @@ def list_keys(conn: sqlite3.Connection, within: Iterable[str] | None = None) -> 
     return [k for k in keys if allowed.issuperset(k.domains)]
 
 
-def revoke(conn: sqlite3.Connection, key_id: str, now: float) -> None:
+def revoke(conn: Connection, key_id: str, now: float) -> None:
     cur = conn.execute(
         "UPDATE api_keys SET revoked_at = ? WHERE id = ? AND revoked_at IS NULL",
         (now, key_id.upper()),
@@ -162,7 +170,7 @@ class KeptAnswer:
     response: str
 
 
-def kept_answer(conn: sqlite3.Connection, key_id: str, idempotency_key: str) -> KeptAnswer | None:
+def kept_answer(conn: Connection, key_id: str, idempotency_key: str) -> KeptAnswer | None:
     row = conn.execute(
         "SELECT request_sha256, status, response FROM api_idempotency"
         " WHERE key_id = ? AND idempotency_key = ?",
@@ -172,7 +180,7 @@ def kept_answer(conn: sqlite3.Connection, key_id: str, idempotency_key: str) -> 
 
 
 def keep_answer(
-    conn: sqlite3.Connection,
+    conn: Connection,
     key_id: str,
     idempotency_key: str,
     answer: KeptAnswer,

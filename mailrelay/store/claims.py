@@ -5,16 +5,16 @@ A claim counts the attempt and stamps `claimed_at` in the same transaction that 
 recipients active; recording the result clears the stamp. A recipient that is found active
 at start was therefore being delivered when the process died: its attempt is already counted
 (so a crash loop still ages the message towards expiry) and the stamp says it was interrupted.
-Functions take a `sqlite3.Connection` and run inside the caller's transaction (`Store.write`).
+Functions take a `Connection` and run inside the caller's transaction (`Store.write`).
 """
 
 from __future__ import annotations
 
-import sqlite3
 from dataclasses import dataclass
 from typing import Literal
 
 from mailrelay.delivery.result import Evidence
+from mailrelay.store.backend import Connection, dialect
 from mailrelay.store.queue import EventName, add_event
 
 AttemptState = Literal["sent", "deferred", "bounced"]  # a recipient's state after an attempt
@@ -45,27 +45,36 @@ class Job:
     tls_optional: bool = False  # "TLS-Required: No": may set recipient policies aside, if allowed
 
 
-def claim_due(conn: sqlite3.Connection, now: float, limit: int) -> list[Job]:
+def claim_due(conn: Connection, now: float, limit: int) -> list[Job]:
     """Claim up to `limit` jobs (not recipient rows: a message with 100 recipients at one
     domain is one job, claimed whole in this one transaction), the longest-due first."""
     # INDEXED BY: with many recipients per message SQLite's planner prefers walking the
     # message index, which reads every queued row; the due index reads only the due ones, so a
     # claim costs the same with a million recipients deferred to later as with none.
+    # PostgreSQL has no INDEXED BY, and its planner uses the partial index by itself.
+    indexed_by = " INDEXED BY recipients_due" if dialect(conn) == "sqlite" else ""
     groups = conn.execute(
-        "SELECT message_id, domain, min(next_attempt_at) AS due"
-        " FROM recipients INDEXED BY recipients_due"
+        "SELECT message_id, domain, min(next_attempt_at) AS due"  # noqa: S608 -- constants
+        f" FROM recipients{indexed_by}"
         " WHERE state IN ('queued', 'deferred') AND next_attempt_at <= ?"
         " GROUP BY message_id, domain ORDER BY due, message_id LIMIT ?",
         (now, limit),
     ).fetchall()
+    # PostgreSQL, where several instances may claim at once: lock the rows of each group, and
+    # skip those another transaction holds (its claim); a row it claimed and committed since
+    # this statement began is re-checked under the lock and no longer matches. No recipient is
+    # ever claimed twice. SQLite's single writer needs none of this.
+    lock = " FOR UPDATE SKIP LOCKED" if dialect(conn) == "postgresql" else ""
     jobs = []
     for group in groups:
         rows = conn.execute(
-            "SELECT id, address, attempts, claimed_at, reply FROM recipients"
+            "SELECT id, address, attempts, claimed_at, reply FROM recipients"  # noqa: S608
             " WHERE message_id = ? AND domain = ? AND state IN ('queued', 'deferred')"
-            " AND next_attempt_at <= ? ORDER BY id",
+            f" AND next_attempt_at <= ? ORDER BY id{lock}",
             (group["message_id"], group["domain"], now),
         ).fetchall()
+        if not rows:
+            continue  # all of it claimed by another instance meanwhile
         conn.executemany(
             "UPDATE recipients SET state = 'active', attempts = attempts + 1, claimed_at = ?,"
             " updated_at = ? WHERE id = ?",
@@ -103,7 +112,7 @@ def claim_due(conn: sqlite3.Connection, now: float, limit: int) -> list[Job]:
     return jobs
 
 
-def release_interrupted(conn: sqlite3.Connection, now: float) -> int:
+def release_interrupted(conn: Connection, now: float) -> int:
     """At start: what was in flight when the process stopped is due again at once. The attempt
     stays counted and `claimed_at` stays set, so the next claim knows it was interrupted."""
     cur = conn.execute(
@@ -134,9 +143,7 @@ _EVENT: dict[str, EventName] = {
 }
 
 
-def record(
-    conn: sqlite3.Connection, message_id: str, updates: list[RecipientUpdate], now: float
-) -> None:
+def record(conn: Connection, message_id: str, updates: list[RecipientUpdate], now: float) -> None:
     """Record the runner's decisions and their evidence; drop the body once all are final."""
     for u in updates:
         conn.execute(
@@ -184,7 +191,7 @@ def record(
     purge_if_done(conn, message_id)
 
 
-def purge_if_done(conn: sqlite3.Connection, message_id: str) -> None:
+def purge_if_done(conn: Connection, message_id: str) -> None:
     """Drop the body once every recipient is final: the queue keeps no personal data it no
     longer needs. Envelope, attempts and events stay as the delivery record."""
     pending = conn.execute(
@@ -195,7 +202,7 @@ def purge_if_done(conn: sqlite3.Connection, message_id: str) -> None:
         conn.execute("UPDATE messages SET data = NULL WHERE id = ?", (message_id,))
 
 
-def next_due(conn: sqlite3.Connection) -> float | None:
+def next_due(conn: Connection) -> float | None:
     row = conn.execute(
         "SELECT min(next_attempt_at) FROM recipients WHERE state IN ('queued', 'deferred')"
     ).fetchone()

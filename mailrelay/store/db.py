@@ -1,4 +1,5 @@
-"""Opening the SQLite database with the pragmas durability depends on, and its schema."""
+"""Opening the database (SQLite with the pragmas durability depends on, or PostgreSQL through
+store.postgres when it is a URL), and its schema."""
 
 from __future__ import annotations
 
@@ -8,8 +9,12 @@ import sqlite3
 import stat
 from pathlib import Path
 
-# Each entry moves the schema one version forward; PRAGMA user_version records how far a file is.
-# Never edit a released entry: append a new one.
+from mailrelay.store.backend import Connection, begin, is_url
+
+# Each entry moves the schema one version forward; PRAGMA user_version records how far a file is
+# (on PostgreSQL, the schema_version table). Never edit a released entry: append a new one.
+# Written in SQLite's dialect; postgres.translate_ddl makes PostgreSQL's of it, so keep to what
+# it translates (INTEGER, REAL, BLOB, INTEGER PRIMARY KEY, WITHOUT ROWID) and to SQL both know.
 MIGRATIONS: tuple[str, ...] = (
     """
     CREATE TABLE messages (
@@ -298,12 +303,22 @@ MIGRATIONS: tuple[str, ...] = (
 _FULL = 2  # PRAGMA synchronous = FULL: fsync the WAL at every commit
 
 
-def connect(path: str, *, busy_timeout: float = 30.0) -> sqlite3.Connection:
-    """Open (creating if needed) the database, migrated to the latest schema.
+def connect(path: str, *, busy_timeout: float = 30.0) -> Connection:
+    """Open (creating if needed) the database, migrated to the latest schema: the SQLite file at
+    `path`, or the PostgreSQL database if `path` is a postgresql:// URL (storage.database).
 
     WAL lets readers run beside the single writer; synchronous=FULL makes every COMMIT fsync the
     WAL, which is what a 250 reply to DATA promises.
     """
+    if is_url(path):
+        from mailrelay.store import postgres
+
+        return postgres.connect(path)
+    return connect_sqlite(path, busy_timeout=busy_timeout)
+
+
+def connect_sqlite(path: str, *, busy_timeout: float = 30.0) -> sqlite3.Connection:
+    """`connect` for a SQLite file (or ":memory:")."""
     if path != ":memory:":
         Path(path).parent.mkdir(parents=True, exist_ok=True, mode=0o750)
     conn = sqlite3.connect(
@@ -339,12 +354,16 @@ def connect(path: str, *, busy_timeout: float = 30.0) -> sqlite3.Connection:
     return conn
 
 
-def open_readonly(path: str) -> sqlite3.Connection:
+def open_readonly(path: str) -> Connection:
     """Open an existing database for queries only (listings, reports).
 
     Raises FileNotFoundError, creating nothing, when there is no database at `path`: a listing
     must not leave an empty database (or its directory) behind for a mistyped config.
     """
+    if is_url(path):
+        from mailrelay.store import postgres
+
+        return postgres.open_readonly(path)
     # stat() raises FileNotFoundError for a missing file, and another OSError (say, a parent
     # that is not a directory) for a path that could never hold one.
     if not stat.S_ISREG(os.stat(path).st_mode):
@@ -353,11 +372,11 @@ def open_readonly(path: str) -> sqlite3.Connection:
 
 
 def _migrate(conn: sqlite3.Connection) -> None:
-    conn.execute("BEGIN IMMEDIATE")
+    begin(conn)
     try:
         (version,) = conn.execute("PRAGMA user_version").fetchone()
         for number, script in enumerate(MIGRATIONS[version:], start=version + 1):
-            for statement in _statements(script):
+            for statement in statements(script):
                 conn.execute(statement)
             conn.execute(f"PRAGMA user_version = {number}")
         conn.execute("COMMIT")
@@ -366,7 +385,10 @@ def _migrate(conn: sqlite3.Connection) -> None:
         raise
 
 
-def _statements(script: str) -> list[str]:
+def statements(script: str) -> list[str]:
     # executescript() would COMMIT our transaction; split instead (no ';' inside our DDL strings).
     lines = [line.split("--", 1)[0] for line in script.splitlines()]
     return [s.strip() for s in "\n".join(lines).split(";") if s.strip()]
+
+
+_statements = statements  # the name tests of old migrations use

@@ -16,6 +16,7 @@ from datetime import datetime
 from typing import Any, get_args
 
 from mailrelay.store import queue
+from mailrelay.store.backend import Connection
 from mailrelay.store.queue import EventName
 
 EVENTS: tuple[str, ...] = get_args(EventName)
@@ -30,7 +31,7 @@ _UNIT_SECONDS = {"s": 1, "m": 60, "h": 3600, "d": 86400, "w": 7 * 86400}
 
 
 def record_refused(
-    conn: sqlite3.Connection, at: float, queue_id: str, recipients: list[str], reply: str
+    conn: Connection, at: float, queue_id: str, recipients: list[str], reply: str
 ) -> None:
     """One REFUSED event per recipient the submission server turned away.
 
@@ -62,7 +63,7 @@ class Page:
 
 
 def query(
-    conn: sqlite3.Connection,
+    conn: Connection,
     *,
     domain: str | None = None,
     since: float | None = None,
@@ -157,7 +158,7 @@ def parse_since(text: str, now: float | None = None) -> float:
         ) from None
 
 
-def story(conn: sqlite3.Connection, queue_id: str) -> dict[str, Any] | None:
+def story(conn: Connection, queue_id: str) -> dict[str, Any] | None:
     """Everything known about one queue id: `queue.show` plus the recipients refused in its
     transaction; from the events alone when the message was deleted or never accepted."""
     queue_id = queue_id.strip().upper()

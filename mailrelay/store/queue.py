@@ -1,27 +1,28 @@
 """Queue operations on a connection: enqueue, and what the operator lists and manages.
 (The delivery side's claims and results are in `claims.py`.)
 
-Each function takes a `sqlite3.Connection` and runs inside the caller's transaction: the service
+Each function takes a `Connection` and runs inside the caller's transaction: the service
 passes them to `Store.write` (group commit), the CLI calls them under `with transaction(conn)`.
 """
 
 from __future__ import annotations
 
 import secrets
-import sqlite3
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Literal
+
+from mailrelay.store.backend import Connection, begin
 
 RecipientState = Literal["queued", "active", "deferred", "sent", "bounced"]
 EventName = Literal["QUEUED", "REFUSED", "DELIVERED", "SOFT-BOUNCE", "HARD-BOUNCE"]
 
 
 @contextmanager
-def transaction(conn: sqlite3.Connection) -> Iterator[sqlite3.Connection]:
+def transaction(conn: Connection) -> Iterator[Connection]:
     """BEGIN IMMEDIATE ... COMMIT for callers outside the service (the CLI)."""
-    conn.execute("BEGIN IMMEDIATE")
+    begin(conn)
     try:
         yield conn
     except BaseException:
@@ -49,7 +50,7 @@ class NewMessage:
 
 
 def enqueue(
-    conn: sqlite3.Connection, message: NewMessage, now: float, message_id: str | None = None
+    conn: Connection, message: NewMessage, now: float, message_id: str | None = None
 ) -> str:
     message_id = message_id or new_message_id()
     conn.execute(
@@ -92,7 +93,7 @@ def unique_recipients(addresses: tuple[str, ...]) -> list[str]:
 
 
 def add_event(
-    conn: sqlite3.Connection,
+    conn: Connection,
     at: float,
     message_id: str,
     recipient: str,
@@ -128,7 +129,7 @@ def add_event(
 
 
 def list_queue(
-    conn: sqlite3.Connection,
+    conn: Connection,
     limit: int | None = None,
     after: str | None = None,
     *,
@@ -178,7 +179,7 @@ def list_queue(
     return result
 
 
-def show(conn: sqlite3.Connection, message_id: str) -> dict[str, object] | None:
+def show(conn: Connection, message_id: str) -> dict[str, object] | None:
     msg = conn.execute(
         "SELECT id, sender, auth_user, client_ip, size, created_at, is_bounce,"
         " data IS NOT NULL AS body_kept FROM messages WHERE id = ?",
@@ -222,13 +223,13 @@ def show(conn: sqlite3.Connection, message_id: str) -> dict[str, object] | None:
     }
 
 
-def delete(conn: sqlite3.Connection, message_id: str) -> bool:
+def delete(conn: Connection, message_id: str) -> bool:
     """Remove a message from the queue; its events stay, as the record of what happened."""
     cur = conn.execute("DELETE FROM messages WHERE id = ?", (message_id.upper(),))
     return cur.rowcount > 0
 
 
-def retry(conn: sqlite3.Connection, message_id: str | None, now: float) -> int:
+def retry(conn: Connection, message_id: str | None, now: float) -> int:
     """Make deferred recipients (of one message, or all) due now; returns how many."""
     sql = (
         "UPDATE recipients SET next_attempt_at = ?, updated_at = ?"
@@ -241,7 +242,7 @@ def retry(conn: sqlite3.Connection, message_id: str | None, now: float) -> int:
     return conn.execute(sql, params).rowcount
 
 
-def state_counts(conn: sqlite3.Connection) -> dict[str, int]:
+def state_counts(conn: Connection) -> dict[str, int]:
     counts = {"queued": 0, "active": 0, "deferred": 0}
     for row in conn.execute(
         "SELECT state, count(*) FROM recipients"
@@ -251,7 +252,7 @@ def state_counts(conn: sqlite3.Connection) -> dict[str, int]:
     return counts
 
 
-def oldest_pending(conn: sqlite3.Connection) -> float | None:
+def oldest_pending(conn: Connection) -> float | None:
     row = conn.execute(
         "SELECT min(m.created_at) FROM recipients r JOIN messages m ON m.id = r.message_id"
         " WHERE r.state IN ('queued', 'active', 'deferred')"

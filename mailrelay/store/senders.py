@@ -7,10 +7,10 @@ MAIL and once for the header section at DATA; the CLI grants and revokes.
 
 from __future__ import annotations
 
-import sqlite3
 from dataclasses import dataclass
 
 from mailrelay.store.accounts import NotFound, get_domain
+from mailrelay.store.backend import Connection
 
 
 @dataclass(frozen=True)
@@ -36,7 +36,7 @@ def normalize(sender: str) -> str:
     return sender.strip().lower().rstrip(".")
 
 
-def send_as(conn: sqlite3.Connection, user: str) -> SendAs:
+def send_as(conn: Connection, user: str) -> SendAs:
     user = user.lower()
     rows = conn.execute(
         "SELECT sender FROM sender_grants WHERE user_address = ? ORDER BY sender", (user,)
@@ -44,7 +44,7 @@ def send_as(conn: sqlite3.Connection, user: str) -> SendAs:
     return SendAs(user, tuple(str(r[0]) for r in rows))
 
 
-def all_send_as(conn: sqlite3.Connection) -> dict[str, SendAs]:
+def all_send_as(conn: Connection) -> dict[str, SendAs]:
     """Every user's, by address (users without grants included)."""
     grants: dict[str, list[str]] = {}
     for user, sender in conn.execute(
@@ -57,7 +57,7 @@ def all_send_as(conn: sqlite3.Connection) -> dict[str, SendAs]:
     }
 
 
-def grant(conn: sqlite3.Connection, user: str, sender: str, now: float) -> None:
+def grant(conn: Connection, user: str, sender: str, now: float) -> None:
     """Let `user` send as `sender` (an address, or '@domain' for all of a domain). The domain
     must be one of ours. Granting what is granted already changes nothing."""
     user, sender = user.lower(), normalize(sender)
@@ -71,12 +71,13 @@ def grant(conn: sqlite3.Connection, user: str, sender: str, now: float) -> None:
     if sender == user:
         return  # always allowed: a row would only make `--may-not-send-as` seem to take it away
     conn.execute(
-        "INSERT OR IGNORE INTO sender_grants (user_address, sender, created_at) VALUES (?, ?, ?)",
+        "INSERT INTO sender_grants (user_address, sender, created_at) VALUES (?, ?, ?)"
+        " ON CONFLICT DO NOTHING",
         (user, sender, now),
     )
 
 
-def revoke(conn: sqlite3.Connection, user: str, sender: str) -> None:
+def revoke(conn: Connection, user: str, sender: str) -> None:
     """Take back a grant. Only a grant made before can be taken back: a typo must not pass for
     a narrowing that did not happen."""
     user, sender = user.lower(), normalize(sender)
@@ -88,6 +89,6 @@ def revoke(conn: sqlite3.Connection, user: str, sender: str) -> None:
         raise NotFound(f"user {user} has no --may-send-as {sender}")
 
 
-def _require_user(conn: sqlite3.Connection, user: str) -> None:
+def _require_user(conn: Connection, user: str) -> None:
     if conn.execute("SELECT 1 FROM users WHERE address = ?", (user,)).fetchone() is None:
         raise NotFound(f"no user {user}")

@@ -2,7 +2,7 @@
 
 A cached policy must outlive a restart: otherwise an attacker who can block the policy fetch
 only has to wait for the relay to restart to downgrade delivery. Each function takes a
-`sqlite3.Connection` and runs inside the caller's transaction (the service passes them to
+`Connection` and runs inside the caller's transaction (the service passes them to
 `Store.read` / `Store.write`; the CLI calls them on its own connection, where each statement
 commits by itself). The rows are plain data: what a policy means is `delivery.mta_sts`'s concern.
 """
@@ -12,6 +12,8 @@ from __future__ import annotations
 import sqlite3
 from dataclasses import dataclass
 from typing import Literal, cast
+
+from mailrelay.store.backend import Connection
 
 StsMode = Literal["enforce", "testing", "none"]
 _MODES: frozenset[str] = frozenset({"enforce", "testing", "none"})
@@ -31,7 +33,7 @@ class CachedStsPolicy:
     body: str  # the policy file as fetched, for the record
 
 
-def get_policy(conn: sqlite3.Connection, domain: str) -> CachedStsPolicy | None:
+def get_policy(conn: Connection, domain: str) -> CachedStsPolicy | None:
     """The cached policy for `domain`, expired or not (the caller knows the time)."""
     row = conn.execute(
         "SELECT domain, policy_id, mode, mx_patterns, max_age, fetched_at, expires_at, body"
@@ -41,7 +43,7 @@ def get_policy(conn: sqlite3.Connection, domain: str) -> CachedStsPolicy | None:
     return None if row is None else _from_row(row)
 
 
-def put_policy(conn: sqlite3.Connection, policy: CachedStsPolicy) -> None:
+def put_policy(conn: Connection, policy: CachedStsPolicy) -> None:
     """Store `policy`, replacing whatever was cached for its domain."""
     if policy.mode not in _MODES:
         raise ValueError(f"unknown MTA-STS mode {policy.mode!r}")
@@ -67,13 +69,13 @@ def put_policy(conn: sqlite3.Connection, policy: CachedStsPolicy) -> None:
     )
 
 
-def delete_policy(conn: sqlite3.Connection, domain: str) -> bool:
+def delete_policy(conn: Connection, domain: str) -> bool:
     """Forget the policy for `domain`; True if there was one."""
     cursor = conn.execute("DELETE FROM sts_policies WHERE domain = ?", (domain,))
     return cursor.rowcount > 0
 
 
-def list_policies(conn: sqlite3.Connection) -> list[CachedStsPolicy]:
+def list_policies(conn: Connection) -> list[CachedStsPolicy]:
     """Every cached policy, by domain: for reports and for refreshing them ahead of expiry."""
     rows = conn.execute(
         "SELECT domain, policy_id, mode, mx_patterns, max_age, fetched_at, expires_at, body"

@@ -30,6 +30,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Literal
 
 from mailrelay.store.accounts import NotFound, get_domain
+from mailrelay.store.backend import Connection, greatest
 
 if TYPE_CHECKING:
     from mailrelay.store.claims import Job, RecipientUpdate
@@ -91,7 +92,7 @@ def is_hard(status: str) -> bool:
     return status in HARD_STATUSES
 
 
-def lookup(conn: sqlite3.Connection, domain: str, address: str, now: float) -> Suppression | None:
+def lookup(conn: Connection, domain: str, address: str, now: float) -> Suppression | None:
     """The entry that stops `domain` from mailing `address` at `now`, or None. An expired entry
     is ignored (and pruned at the next add)."""
     row = conn.execute(
@@ -103,7 +104,7 @@ def lookup(conn: sqlite3.Connection, domain: str, address: str, now: float) -> S
 
 
 def list_suppressions(
-    conn: sqlite3.Connection,
+    conn: Connection,
     now: float,
     *,
     domain: str | None = None,
@@ -132,7 +133,7 @@ def list_suppressions(
 
 
 def add(
-    conn: sqlite3.Connection,
+    conn: Connection,
     domain: str,
     address: str,
     now: float,
@@ -156,13 +157,17 @@ def add(
     prune(conn, now)
     entry = Suppression(domain, address, clean_reason(reason), "manual", None, now, expires_at)
     conn.execute(
-        f"INSERT OR REPLACE INTO suppressions ({_COLUMNS}) VALUES (?, ?, ?, ?, ?, ?, ?)",  # noqa: S608
+        f"INSERT INTO suppressions ({_COLUMNS}) VALUES (?, ?, ?, ?, ?, ?, ?)"  # noqa: S608
+        " ON CONFLICT (domain, address) DO UPDATE SET"
+        "  reason = excluded.reason, source = excluded.source,"
+        "  message_id = excluded.message_id, created_at = excluded.created_at,"
+        "  expires_at = excluded.expires_at",
         _row(entry),
     )
     return entry
 
 
-def remove(conn: sqlite3.Connection, domain: str, address: str) -> None:
+def remove(conn: Connection, domain: str, address: str) -> None:
     """Mail from `domain` to `address` is accepted again. Raises NotFound if it was not
     suppressed: a typo must not pass for a removal that did not happen."""
     domain, address = _domain(domain), _address(address)
@@ -174,7 +179,7 @@ def remove(conn: sqlite3.Connection, domain: str, address: str) -> None:
 
 
 def add_from_bounces(
-    conn: sqlite3.Connection,
+    conn: Connection,
     job: Job,
     updates: list[RecipientUpdate],
     now: float,
@@ -210,14 +215,15 @@ def add_from_bounces(
             " ON CONFLICT (domain, address) DO UPDATE SET"
             "  reason = excluded.reason, source = excluded.source,"
             "  message_id = excluded.message_id, created_at = excluded.created_at,"
-            "  expires_at = CASE WHEN expires_at IS NULL OR excluded.expires_at IS NULL THEN NULL"
-            "   ELSE max(expires_at, excluded.expires_at) END",
+            "  expires_at = CASE WHEN suppressions.expires_at IS NULL"
+            "   OR excluded.expires_at IS NULL THEN NULL"
+            f"   ELSE {greatest(conn)}(suppressions.expires_at, excluded.expires_at) END",
             _row(entry),
         )
     return len(hard)
 
 
-def prune(conn: sqlite3.Connection, now: float) -> int:
+def prune(conn: Connection, now: float) -> int:
     """Drop the entries that expired by `now` (an indexed range: cheap); returns how many."""
     cur = conn.execute("DELETE FROM suppressions WHERE expires_at <= ?", (now,))
     return cur.rowcount

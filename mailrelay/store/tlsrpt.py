@@ -11,13 +11,13 @@ from __future__ import annotations
 
 import json
 import logging
-import sqlite3
 import time
 from collections import Counter
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Literal
 
+from mailrelay.store.backend import Connection
 from mailrelay.tlsrpt.model import RESULT_TYPES, Session
 
 log = logging.getLogger("mailrelay.tlsrpt")
@@ -37,7 +37,7 @@ def utc_day(at: float) -> str:
 # ---- recording (the delivery side) ----------------------------------------------------------
 
 
-def record_sessions(conn: sqlite3.Connection, sessions: Sequence[Session]) -> None:
+def record_sessions(conn: Connection, sessions: Sequence[Session]) -> None:
     """Add `sessions` to their day's aggregates. Cheap enough for the delivery commit: the batch
     is counted here first, then one upsert per distinct policy and per distinct failure."""
     successes: Counter[_PolicyKey] = Counter()
@@ -90,7 +90,9 @@ def record_sessions(conn: sqlite3.Connection, sessions: Sequence[Session]) -> No
             "INSERT INTO tlsrpt_policies (domain, day, policy_type, policy_strings, mx_hosts,"
             " successful, failed) VALUES (?, ?, ?, ?, ?, ?, ?)"
             " ON CONFLICT (domain, day, policy_type, policy_strings, mx_hosts) DO UPDATE SET"
-            " successful = successful + excluded.successful, failed = failed + excluded.failed"
+            # Qualified: PostgreSQL finds a bare name ambiguous beside `excluded`.
+            " successful = tlsrpt_policies.successful + excluded.successful,"
+            " failed = tlsrpt_policies.failed + excluded.failed"
             " RETURNING id",
             (*key, successes[key], failures[key]),
         ).fetchone()
@@ -101,8 +103,8 @@ def record_sessions(conn: sqlite3.Connection, sessions: Sequence[Session]) -> No
             "INSERT INTO tlsrpt_failures (policy_id, result_type, sending_ip, receiving_mx,"
             " receiving_ip, sessions, reason) VALUES (?, ?, ?, ?, ?, ?, ?)"
             " ON CONFLICT (policy_id, result_type, sending_ip, receiving_mx, receiving_ip)"
-            " DO UPDATE SET sessions = sessions + excluded.sessions,"
-            " reason = coalesce(excluded.reason, reason)",
+            " DO UPDATE SET sessions = tlsrpt_failures.sessions + excluded.sessions,"
+            " reason = coalesce(excluded.reason, tlsrpt_failures.reason)",
             (
                 policy_ids[key],
                 result_type,
@@ -115,14 +117,14 @@ def record_sessions(conn: sqlite3.Connection, sessions: Sequence[Session]) -> No
         )
 
 
-def is_report_message(conn: sqlite3.Connection, message_id: str) -> bool:
+def is_report_message(conn: Connection, message_id: str) -> bool:
     """Whether the message is a TLS-RPT report we queued: its delivery sessions are not
     recorded (RFC 8460 §3), so a failing report never reports about itself."""
     row = conn.execute("SELECT tlsrpt_report FROM messages WHERE id = ?", (message_id,)).fetchone()
     return row is not None and bool(row[0])
 
 
-def mark_report_message(conn: sqlite3.Connection, message_id: str) -> None:
+def mark_report_message(conn: Connection, message_id: str) -> None:
     conn.execute("UPDATE messages SET tlsrpt_report = 1 WHERE id = ?", (message_id,))
 
 
@@ -149,7 +151,7 @@ class PolicyAggregate:
     failures: tuple[FailureAggregate, ...]
 
 
-def days_with_sessions(conn: sqlite3.Connection, before_day: str) -> list[tuple[str, str]]:
+def days_with_sessions(conn: Connection, before_day: str) -> list[tuple[str, str]]:
     """(domain, day) with aggregates for a day before `before_day`, oldest day first."""
     return [
         (str(r[0]), str(r[1]))
@@ -160,7 +162,7 @@ def days_with_sessions(conn: sqlite3.Connection, before_day: str) -> list[tuple[
     ]
 
 
-def aggregates(conn: sqlite3.Connection, domain: str, day: str) -> list[PolicyAggregate]:
+def aggregates(conn: Connection, domain: str, day: str) -> list[PolicyAggregate]:
     result = []
     for p in conn.execute(
         "SELECT id, policy_type, policy_strings, mx_hosts, successful, failed"
@@ -196,11 +198,11 @@ def aggregates(conn: sqlite3.Connection, domain: str, day: str) -> list[PolicyAg
     return result
 
 
-def drop_aggregates(conn: sqlite3.Connection, domain: str, day: str) -> None:
+def drop_aggregates(conn: Connection, domain: str, day: str) -> None:
     conn.execute("DELETE FROM tlsrpt_policies WHERE domain = ? AND day = ?", (domain, day))
 
 
-def has_report(conn: sqlite3.Connection, domain: str, day: str) -> bool:
+def has_report(conn: Connection, domain: str, day: str) -> bool:
     row = conn.execute(
         "SELECT 1 FROM tlsrpt_reports WHERE domain = ? AND day = ?", (domain, day)
     ).fetchone()
@@ -208,7 +210,7 @@ def has_report(conn: sqlite3.Connection, domain: str, day: str) -> bool:
 
 
 def add_report(
-    conn: sqlite3.Connection,
+    conn: Connection,
     *,
     report_key: str,
     report_id: str,
@@ -249,7 +251,7 @@ class Delivery:
     first_attempt_at: float
 
 
-def waiting(conn: sqlite3.Connection, now: float) -> tuple[bool, bool]:
+def waiting(conn: Connection, now: float) -> tuple[bool, bool]:
     """(whether a delivery is due at `now`, whether a mailed report is in the queue): a read,
     so that an idle pass commits nothing (every commit is an fsync)."""
     due = conn.execute(
@@ -262,7 +264,7 @@ def waiting(conn: sqlite3.Connection, now: float) -> tuple[bool, bool]:
     return due is not None, queued is not None
 
 
-def claim_due(conn: sqlite3.Connection, now: float, lease: float) -> list[Delivery]:
+def claim_due(conn: Connection, now: float, lease: float) -> list[Delivery]:
     """Pending deliveries due at `now`, claimed: the attempt is counted and the next one put
     `lease` seconds off, so another process (`tlsrpt send-now` beside the service) or a task
     that dies half way does not send the same report twice at once."""
@@ -299,7 +301,7 @@ def claim_due(conn: sqlite3.Connection, now: float, lease: float) -> list[Delive
 
 
 def finish(
-    conn: sqlite3.Connection,
+    conn: Connection,
     report_key: str,
     uri: str,
     state: DeliveryState,
@@ -327,7 +329,7 @@ class QueuedOutcome:
     detail: str | None
 
 
-def settle_queued(conn: sqlite3.Connection, now: float) -> list[QueuedOutcome]:
+def settle_queued(conn: Connection, now: float) -> list[QueuedOutcome]:
     """Mailed reports whose message reached its end since the last look: sent when the
     recipient was delivered, failed when it bounced or the message was deleted."""
     outcomes = []
@@ -351,7 +353,7 @@ def settle_queued(conn: sqlite3.Connection, now: float) -> list[QueuedOutcome]:
     return outcomes
 
 
-def prune(conn: sqlite3.Connection, *, reports_before_day: str, aggregates_before_day: str) -> None:
+def prune(conn: Connection, *, reports_before_day: str, aggregates_before_day: str) -> None:
     """Forget reports of days before `reports_before_day` once no delivery of theirs is still
     under way, and aggregates of days before `aggregates_before_day` that never became a
     report (reporting off, or the domain's record could not be looked up for days)."""
@@ -367,7 +369,7 @@ def prune(conn: sqlite3.Connection, *, reports_before_day: str, aggregates_befor
 # ---- the operator's view --------------------------------------------------------------------
 
 
-def list_reports(conn: sqlite3.Connection, limit: int = 100) -> list[dict[str, object]]:
+def list_reports(conn: Connection, limit: int = 100) -> list[dict[str, object]]:
     """The newest reports first, each with its deliveries and an overall state: pending while a
     delivery is under way, else sent if any destination took it (RFC 8460 §3: a report counts
     as delivered once one rua accepted it), else failed."""
@@ -396,7 +398,7 @@ def list_reports(conn: sqlite3.Connection, limit: int = 100) -> list[dict[str, o
     return result
 
 
-def get_report(conn: sqlite3.Connection, key: str) -> str | None:
+def get_report(conn: Connection, key: str) -> str | None:
     """A report's JSON by its id, or by its full report-id (id@hostname)."""
     row = conn.execute(
         "SELECT report_json FROM tlsrpt_reports WHERE id = ? OR report_id = ?",

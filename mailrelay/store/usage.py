@@ -9,9 +9,10 @@ for nothing, and a restart forgets nothing.
 from __future__ import annotations
 
 import math
-import sqlite3
 from dataclasses import dataclass
 from typing import Literal
+
+from mailrelay.store.backend import Connection, greatest
 
 Period = Literal["minute", "hour", "day"]
 SECONDS: dict[Period, int] = {"minute": 60, "hour": 3600, "day": 86400}
@@ -47,7 +48,7 @@ def window_start(period: Period, now: float) -> float:
     return float(math.floor(now / length) * length)
 
 
-def current(conn: sqlite3.Connection, user: str, now: float) -> Usage:
+def current(conn: Connection, user: str, now: float) -> Usage:
     """The user's counts in the windows that contain `now`."""
     found = {
         row["period"]: Window(row["period"], row["started_at"], row["messages"], row["recipients"])
@@ -63,21 +64,22 @@ def current(conn: sqlite3.Connection, user: str, now: float) -> Usage:
     }
 
 
-def count(conn: sqlite3.Connection, user: str, now: float, recipients: int) -> Usage:
+def count(conn: Connection, user: str, now: float, recipients: int) -> Usage:
     """Add one message with `recipients` recipients to the user's windows; return the new counts.
     A window that has ended starts again from this message. (A clock that steps back keeps
     counting in the later window, so that it cannot reset a count.)"""
     user = user.lower()
     for period in SECONDS:
         conn.execute(
-            "INSERT INTO user_usage (user_address, period, started_at, messages, recipients)"
+            "INSERT INTO user_usage (user_address, period, started_at, messages, recipients)"  # noqa: S608
             " VALUES (?, ?, ?, 1, ?)"
             " ON CONFLICT (user_address, period) DO UPDATE SET"
-            "  messages = CASE WHEN started_at >= excluded.started_at"
-            "   THEN messages + 1 ELSE 1 END,"
-            "  recipients = CASE WHEN started_at >= excluded.started_at"
-            "   THEN recipients + excluded.recipients ELSE excluded.recipients END,"
-            "  started_at = max(started_at, excluded.started_at)",
+            # Qualified: PostgreSQL finds a bare name ambiguous beside `excluded`.
+            "  messages = CASE WHEN user_usage.started_at >= excluded.started_at"
+            "   THEN user_usage.messages + 1 ELSE 1 END,"
+            "  recipients = CASE WHEN user_usage.started_at >= excluded.started_at"
+            "   THEN user_usage.recipients + excluded.recipients ELSE excluded.recipients END,"
+            f"  started_at = {greatest(conn)}(user_usage.started_at, excluded.started_at)",
             (user, period, window_start(period, now), recipients),
         )
     return current(conn, user, now)

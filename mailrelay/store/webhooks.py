@@ -6,7 +6,7 @@ about (`enqueue_outcomes` runs inside the queue runner's record; `enqueue_suppre
 refusal), so that an outcome on disk always has its webhook on disk. The dispatcher claims due
 rows with a lease (`claim_due`), posts them and settles them (`finish`). Payloads carry ids,
 addresses, status, reason and TLS evidence, never the message body.
-Functions take a `sqlite3.Connection` and run inside the caller's transaction (`Store.write`).
+Functions take a `Connection` and run inside the caller's transaction (`Store.write`).
 """
 
 from __future__ import annotations
@@ -23,6 +23,7 @@ from typing import Any, Literal, get_args
 
 from mailrelay.delivery.result import Evidence, Insecure
 from mailrelay.store.accounts import NotFound, get_domain
+from mailrelay.store.backend import Connection
 from mailrelay.store.claims import Job, RecipientUpdate
 from mailrelay.store.suppressions import Suppression
 
@@ -141,7 +142,7 @@ def new_secret() -> str:
 
 
 def add_endpoint(
-    conn: sqlite3.Connection, domain: str, url: str, events: Iterable[str], now: float
+    conn: Connection, domain: str, url: str, events: Iterable[str], now: float
 ) -> Endpoint:
     domain = domain.lower().rstrip(".")
     if get_domain(conn, domain) is None:
@@ -162,7 +163,7 @@ def add_endpoint(
     return endpoint
 
 
-def list_endpoints(conn: sqlite3.Connection, domain: str | None = None) -> list[Endpoint]:
+def list_endpoints(conn: Connection, domain: str | None = None) -> list[Endpoint]:
     sql = "SELECT id, domain, url, events, secret, created_at, disabled FROM webhook_endpoints"
     rows = (
         conn.execute(sql + " WHERE domain = ? ORDER BY created_at, id", (domain,))
@@ -173,7 +174,7 @@ def list_endpoints(conn: sqlite3.Connection, domain: str | None = None) -> list[
 
 
 def remove_endpoint(
-    conn: sqlite3.Connection, endpoint_id: str, domains: Collection[str] | None = None
+    conn: Connection, endpoint_id: str, domains: Collection[str] | None = None
 ) -> None:
     """Remove an endpoint (of one of `domains`, if given) and its deliveries, pending ones
     included."""
@@ -206,7 +207,7 @@ def event_type(update: RecipientUpdate, insecure: Insecure | None) -> EventType:
 
 
 def enqueue_outcomes(
-    conn: sqlite3.Connection,
+    conn: Connection,
     job: Job,
     updates: Iterable[RecipientUpdate],
     insecure: Mapping[int, Insecure],
@@ -240,7 +241,7 @@ def enqueue_outcomes(
 
 
 def enqueue_suppressed(
-    conn: sqlite3.Connection, entry: Suppression, message_id: str | None, now: float
+    conn: Connection, entry: Suppression, message_id: str | None, now: float
 ) -> int:
     """A `suppressed` event: submission refused `entry.address` for `entry.domain` (SMTP RCPT
     or the HTTP API). `message_id` is the queue id the message has or would have had."""
@@ -274,7 +275,7 @@ def evidence_json(e: Evidence) -> dict[str, Any]:
     }
 
 
-def _subscribed(conn: sqlite3.Connection, domain: str) -> list[tuple[str, frozenset[str]]]:
+def _subscribed(conn: Connection, domain: str) -> list[tuple[str, frozenset[str]]]:
     rows = conn.execute(
         "SELECT id, events FROM webhook_endpoints WHERE domain = ? AND disabled = 0 ORDER BY id",
         (domain.lower(),),
@@ -283,7 +284,7 @@ def _subscribed(conn: sqlite3.Connection, domain: str) -> list[tuple[str, frozen
 
 
 def _enqueue(
-    conn: sqlite3.Connection,
+    conn: Connection,
     endpoints: list[tuple[str, frozenset[str]]],
     kind: EventType,
     data: dict[str, Any],
@@ -320,7 +321,7 @@ _DELIVERY = (
 )
 
 
-def claim_due(conn: sqlite3.Connection, now: float, lease: float, limit: int) -> list[Delivery]:
+def claim_due(conn: Connection, now: float, lease: float, limit: int) -> list[Delivery]:
     """Claim up to `limit` due deliveries: each attempt is counted and the row is not due again
     for `lease` seconds, so that another process (or a pass after a crash) never posts it
     while this one does. `finish` settles it."""
@@ -341,7 +342,7 @@ def claim_due(conn: sqlite3.Connection, now: float, lease: float, limit: int) ->
 
 
 def finish(
-    conn: sqlite3.Connection,
+    conn: Connection,
     delivery_id: str,
     state: DeliveryState,
     now: float,
@@ -357,14 +358,14 @@ def finish(
     )
 
 
-def next_due(conn: sqlite3.Connection) -> float | None:
+def next_due(conn: Connection) -> float | None:
     row = conn.execute(
         "SELECT min(next_attempt_at) FROM webhook_deliveries WHERE state = 'pending'"
     ).fetchone()
     return None if row[0] is None else float(row[0])
 
 
-def recent(conn: sqlite3.Connection, limit: int = 50, domain: str | None = None) -> list[Delivery]:
+def recent(conn: Connection, limit: int = 50, domain: str | None = None) -> list[Delivery]:
     """The latest deliveries, newest first."""
     where = " WHERE e.domain = ?" if domain is not None else ""
     args: tuple[Any, ...] = (domain, limit) if domain is not None else (limit,)
@@ -372,7 +373,7 @@ def recent(conn: sqlite3.Connection, limit: int = 50, domain: str | None = None)
     return [_delivery(r) for r in rows]
 
 
-def prune(conn: sqlite3.Connection, before: float) -> int:
+def prune(conn: Connection, before: float) -> int:
     """Forget settled deliveries created before `before`."""
     cur = conn.execute(
         "DELETE FROM webhook_deliveries WHERE state IN ('sent', 'failed') AND created_at < ?",

@@ -4,6 +4,9 @@ Every SMTP session that accepts a message needs an fsync before it may answer 25
 message would cap throughput at the disk's fsync rate, so operations that arrive while a commit
 is in progress wait together and share the next one (group commit). Each operation runs inside
 its own SAVEPOINT, so one that fails is rolled back alone and the others still commit.
+
+On PostgreSQL (a postgresql:// URL for `path`) the writer is one psycopg connection and reads
+take a connection from a small pool; the same operations run on both (store.backend).
 """
 
 from __future__ import annotations
@@ -16,9 +19,13 @@ import sqlite3
 import threading
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar
 
+from mailrelay.store.backend import Connection, begin, is_url
 from mailrelay.store.db import connect
+
+if TYPE_CHECKING:
+    from mailrelay.store.postgres import Pool
 
 T = TypeVar("T")
 log = logging.getLogger(__name__)
@@ -29,7 +36,7 @@ MAX_GROUP = 512
 
 @dataclass
 class _Operation:
-    op: Callable[[sqlite3.Connection], Any]
+    op: Callable[[Connection], Any]
     future: asyncio.Future[Any]
     loop: asyncio.AbstractEventLoop
 
@@ -62,7 +69,8 @@ class Store:
         self._loop: asyncio.AbstractEventLoop | None = None
         self._jobs: queue.SimpleQueue[_Operation | None] = queue.SimpleQueue()
         self._thread: threading.Thread | None = None
-        self._reader: sqlite3.Connection | None = None
+        self._reader: Connection | None = None
+        self._readers: Pool | None = None  # on PostgreSQL, instead of the one reader
         self._read_lock = threading.Lock()
         self._closed = True
         self.commits = 0  # number of COMMITs, for the benchmark's group-size figure
@@ -70,7 +78,17 @@ class Store:
     async def start(self) -> None:
         # Open (and migrate) synchronously so that a broken database fails the start, not later.
         writer = connect(self.path, busy_timeout=self.busy_timeout)
-        self._reader = connect(self.path, busy_timeout=self.busy_timeout)
+        if is_url(self.path):
+            from mailrelay.store import postgres
+
+            self._readers = postgres.Pool(self.path)
+            try:
+                await asyncio.to_thread(self._readers.open)
+            except BaseException:
+                writer.close()
+                raise
+        else:
+            self._reader = connect(self.path, busy_timeout=self.busy_timeout)
         self._thread = threading.Thread(
             target=self._run, args=(writer,), name="mailrelay-store-writer", daemon=True
         )
@@ -88,12 +106,14 @@ class Store:
             await asyncio.to_thread(self._thread.join)
         if self._reader is not None:
             self._reader.close()
+        if self._readers is not None:
+            await asyncio.to_thread(self._readers.close)
 
-    async def write(self, op: Callable[[sqlite3.Connection], T]) -> T:
+    async def write(self, op: Callable[[Connection], T]) -> T:
         """Run `op` in a transaction; return once its effects are committed to disk."""
         return await self.submit(op)
 
-    def submit(self, op: Callable[[sqlite3.Connection], T]) -> asyncio.Future[T]:
+    def submit(self, op: Callable[[Connection], T]) -> asyncio.Future[T]:
         """Queue `op` for the writer now, on the calling (event loop) thread; the future is done
         once it is committed or has failed. For a write nobody waits on: queued before `stop`,
         it is committed before `stop` returns, and no task has to outlive its caller for it.
@@ -107,19 +127,23 @@ class Store:
         self._jobs.put(_Operation(op, future, loop))
         return future
 
-    async def read(self, op: Callable[[sqlite3.Connection], T]) -> T:
+    async def read(self, op: Callable[[Connection], T]) -> T:
         """Run a query on the read connection, in a worker thread."""
         return await asyncio.to_thread(self.read_blocking, op)
 
-    def read_blocking(self, op: Callable[[sqlite3.Connection], T]) -> T:
+    def read_blocking(self, op: Callable[[Connection], T]) -> T:
         """Run a query on the read connection in the calling thread: for code that already runs
         in a worker thread. Never call it on the event loop."""
-        if self._reader is None or self._closed:
+        if self._closed:
+            raise StoreClosed("the store is closed")
+        if self._readers is not None:
+            return self._readers.run(op)
+        if self._reader is None:
             raise StoreClosed("the store is closed")
         with self._read_lock:
             return op(self._reader)
 
-    def _run(self, conn: sqlite3.Connection) -> None:
+    def _run(self, conn: Connection) -> None:
         group: list[_Operation] = []
         try:
             while True:
@@ -161,10 +185,10 @@ class Store:
         while (pending := self._jobs.get()) is not None:
             pending.loop.call_soon_threadsafe(_settle, pending.future, None, failed)
 
-    def _commit(self, conn: sqlite3.Connection, group: list[_Operation]) -> None:
+    def _commit(self, conn: Connection, group: list[_Operation]) -> None:
         outcomes: list[tuple[_Operation, Any, BaseException | None]] = []
         try:
-            conn.execute("BEGIN IMMEDIATE")
+            begin(conn)
             for job in group:
                 conn.execute("SAVEPOINT op")
                 try:

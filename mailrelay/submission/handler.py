@@ -13,6 +13,7 @@ from typing import Any, Literal
 
 from mailrelay.config import LimitsConfig, SubmissionConfig
 from mailrelay.store import Store, accounts, events, queue, senders, suppressions, usage, webhooks
+from mailrelay.store.backend import Connection
 from mailrelay.store.writer import StoreClosed
 from mailrelay.submission import replies
 from mailrelay.submission.accept import NOT_A_SENDER as NOT_A_SENDER
@@ -174,7 +175,7 @@ class SubmissionHandler:
         # The `suppressed` webhook, handed to the writer unawaited like the REFUSED event.
         now = time.time()
 
-        def op(conn: sqlite3.Connection) -> None:
+        def op(conn: Connection) -> None:
             webhooks.enqueue_suppressed(conn, entry, queue_id, now)
 
         try:
@@ -218,7 +219,7 @@ class SubmissionHandler:
         now = time.time()
         limited = self._limited
 
-        def facts(c: sqlite3.Connection) -> _MailFacts:
+        def facts(c: Connection) -> _MailFacts:
             return _MailFacts(
                 senders.send_as(c, login),
                 accounts.get_domain(c, parts[1]),
@@ -318,7 +319,7 @@ class SubmissionHandler:
         )
         limited = self._limited
 
-        def commit(c: sqlite3.Connection) -> None:
+        def commit(c: Connection) -> None:
             queue.enqueue(c, new, now, queue_id)
             if limited:
                 # Counted with the message, so that one refused or not committed counts for

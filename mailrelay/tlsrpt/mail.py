@@ -15,12 +15,12 @@ from __future__ import annotations
 import base64
 import datetime as dt
 import secrets
-import sqlite3
 from email.utils import format_datetime
 
 from mailrelay import dkim
 from mailrelay.signing import signing_key
 from mailrelay.store import accounts
+from mailrelay.store.backend import Connection
 from mailrelay.store.queue import NewMessage
 from mailrelay.tlsrpt.report import Identity
 
@@ -98,7 +98,7 @@ def build(
     return out.encode("ascii")
 
 
-def sign(conn: sqlite3.Connection, message: bytes, from_address: str) -> bytes:
+def sign(conn: Connection, message: bytes, from_address: str) -> bytes:
     """`message` signed with the active keys of the From: domain; raises CannotSign."""
     domain = from_address.rpartition("@")[2].lower()
     stored = accounts.keys(conn, domain, active_only=True)

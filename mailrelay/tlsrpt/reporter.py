@@ -14,7 +14,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-import sqlite3
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -26,6 +25,7 @@ from mailrelay.delivery import retry
 from mailrelay.metrics import Metrics
 from mailrelay.resolver import make_resolver
 from mailrelay.store import Store, queue, tlsrpt
+from mailrelay.store.backend import Connection
 from mailrelay.store.tlsrpt import Delivery, utc_day
 from mailrelay.tlsrpt import mail, post, record, report
 
@@ -170,7 +170,7 @@ class Reporter:
             return None
         key = report.new_report_key()
 
-        def make(conn: sqlite3.Connection) -> bool:
+        def make(conn: Connection) -> bool:
             # In one transaction with the read, so that no session recorded meanwhile is lost.
             if tlsrpt.has_report(conn, domain, day):
                 # Sessions recorded after the day's report was made (an attempt that ended
@@ -290,7 +290,7 @@ class Reporter:
             await self._failed(d, str(exc), now, done)
             return
 
-        def enqueue(conn: sqlite3.Connection) -> str:
+        def enqueue(conn: Connection) -> str:
             # The queue's own clock, not the pass's `now`: the message is due at once.
             message_id = queue.enqueue(conn, mail.queued(signed, to), self.clock())
             tlsrpt.mark_report_message(conn, message_id)

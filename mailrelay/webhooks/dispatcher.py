@@ -13,7 +13,6 @@ import asyncio
 import contextlib
 import logging
 import random
-import sqlite3
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -25,6 +24,7 @@ from mailrelay.metrics import Metrics
 from mailrelay.resolver import make_resolver
 from mailrelay.store import Store
 from mailrelay.store import webhooks as outbox
+from mailrelay.store.backend import Connection
 from mailrelay.store.webhooks import Delivery
 from mailrelay.webhooks import post, signature
 
@@ -181,7 +181,7 @@ class Dispatcher:
         delay = next_delay(d.attempts, self.config.webhooks.first_retry)
         later = min(now + delay, d.created_at + RETRY_FOR)
 
-        def retry(c: sqlite3.Connection) -> None:
+        def retry(c: Connection) -> None:
             outbox.finish(c, d.id, "pending", now, error=why, next_attempt_at=later)
 
         await self.store.write(retry)
