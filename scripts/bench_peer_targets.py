@@ -338,9 +338,28 @@ class Postfix:
 class Mailrelay:
     """mailrelay with its own temporary database, set up through its CLI."""
 
-    def __init__(self, directory: Path, cert_dir: Path, sink_port: int, nameserver: str) -> None:
+    def __init__(
+        self,
+        directory: Path,
+        cert_dir: Path,
+        sink_port: int,
+        nameserver: str,
+        *,
+        storage_url: str | None = None,
+        instance: str = "",
+        shared_dir: Path | None = None,
+    ) -> None:
         self.directory = directory
         self.port = free_port()
+        # The first instance on a database sets up the domain and the user; the others find
+        # them there. Instances on one machine share the DKIM key directory.
+        self.first = instance in ("", "1")
+        state = shared_dir or directory
+        storage = (
+            f"url = {json.dumps(storage_url)}\n"
+            if storage_url
+            else f"path = {json.dumps(str(directory / 'mailrelay.sqlite3'))}\n"
+        )
         python = ROOT / ".venv" / "bin" / "python"
         self.command = [str(python if python.exists() else sys.executable), "-m", "mailrelay"]
         self.command += ["--config", str(directory / "mailrelay.toml")]
@@ -353,10 +372,11 @@ class Mailrelay:
             f"cert_file = {q(str(cert_dir / 'cert.pem'))}\n"
             f"key_file = {q(str(cert_dir / 'key.pem'))}\n"
             "allow_unverified_domains = true\n"
-            "[storage]\n"
-            f"path = {q(str(directory / 'mailrelay.sqlite3'))}\n"
-            "[dkim]\n"
-            f"key_dir = {q(str(directory / 'dkim'))}\n"
+            + (f"[instance]\nid = {q('bench-' + instance)}\n" if instance else "")
+            + "[storage]\n"
+            + storage
+            + "[dkim]\n"
+            f"key_dir = {q(str(state / 'dkim'))}\n"
             "rsa_bits = 2048\n"
             "[delivery]\n"
             f"port = {sink_port}\n"
@@ -381,10 +401,11 @@ class Mailrelay:
 
     async def start(self) -> None:
         notify = f"postmaster@{SENDER_DOMAIN}"
-        await asyncio.to_thread(self._cli, "domain", "add", SENDER_DOMAIN, "--notify", notify)
-        await asyncio.to_thread(
-            self._cli, "user", "add", USER, "--password-stdin", stdin=PASSWORD.encode()
-        )
+        if self.first:
+            await asyncio.to_thread(self._cli, "domain", "add", SENDER_DOMAIN, "--notify", notify)
+            await asyncio.to_thread(
+                self._cli, "user", "add", USER, "--password-stdin", stdin=PASSWORD.encode()
+            )
         self.proc = spawn([*self.command, "serve"], self.directory / "mailrelay.log")
         try:
             await wait_for_port("127.0.0.1", self.port, 60, "mailrelay submission")
@@ -427,6 +448,7 @@ class Endpoint:
     roots: list[int]  # the target's process trees, for CPU and memory
     diagnose: Callable[[], str] = lambda: ""  # its queue and log, when mail went missing
     problems: Callable[[], list[str]] = list  # warnings and errors it logged
+    more_ports: tuple[int, ...] = ()  # further instances: the clients spread over all ports
 
 
 @contextlib.asynccontextmanager
@@ -435,6 +457,10 @@ async def launch(kind: str, work: Path, sink: Sink, nameserver: str) -> AsyncIte
     run_dir = work / f"{kind.replace('+', '-')}-{time.monotonic_ns()}"
     if kind == "direct":
         yield Endpoint(sink.host, sink.port, auth=False, roots=[])
+        return
+    if kind.startswith("mailrelay-pg"):
+        async with _on_postgresql(kind, run_dir, work, sink, nameserver) as endpoint:
+            yield endpoint
         return
     if kind == "mailrelay":
         relay = Mailrelay(run_dir, work, sink.port, nameserver)
@@ -476,4 +502,53 @@ async def launch(kind: str, work: Path, sink: Sink, nameserver: str) -> AsyncIte
         if dkim is not None:
             await asyncio.to_thread(dkim.stop)
         # What Postfix left behind: children orphaned when master exits. The sink stays.
+        await asyncio.to_thread(sweep_descendants, keep=[sink.pid])
+
+
+@contextlib.asynccontextmanager
+async def _on_postgresql(
+    kind: str, run_dir: Path, work: Path, sink: Sink, nameserver: str
+) -> AsyncIterator[Endpoint]:
+    """One or two mailrelay instances on one PostgreSQL (fsync on: as durable as SQLite's
+    synchronous=FULL), started here from Debian's package like the tests' (tests/pg.py)."""
+    sys.path.insert(0, str(ROOT))
+    from tests.pg import Cluster
+
+    cluster = Cluster(durable=True)
+    relays: list[Mailrelay] = []
+    try:
+        await asyncio.to_thread(cluster.start)
+        url = await asyncio.to_thread(cluster.new_database)
+        await asyncio.to_thread(run_dir.mkdir)
+        count = 2 if kind.endswith("-2") else 1
+        for n in range(1, count + 1):
+            relay = Mailrelay(
+                run_dir / f"instance-{n}",
+                work,
+                sink.port,
+                nameserver,
+                storage_url=url,
+                instance=str(n) if count > 1 else "",
+                shared_dir=run_dir,
+            )
+            relays.append(relay)
+            await relay.start()  # in turn: the first sets up the domain and user
+        roots = [r.proc.pid for r in relays if r.proc is not None]
+        if cluster.process is not None:
+            roots.append(cluster.process.pid)
+
+        def diagnose() -> str:
+            return "\n".join(f"{r.queue_summary()}\nlog tail:\n{r.log_tail()}" for r in relays)
+
+        def problems() -> list[str]:
+            return [line for r in relays for line in r.log_problems()]
+
+        ports = [r.port for r in relays]
+        yield Endpoint(
+            "127.0.0.1", ports[0], True, roots, diagnose, problems, more_ports=tuple(ports[1:])
+        )
+    finally:
+        for relay in relays:
+            await asyncio.to_thread(relay.stop)
+        await asyncio.to_thread(cluster.stop)
         await asyncio.to_thread(sweep_descendants, keep=[sink.pid])

@@ -107,6 +107,8 @@ if TYPE_CHECKING:
 ROOT = Path(__file__).resolve().parent.parent
 TARGETS = {
     "mailrelay": "mailrelay",
+    "mailrelay-pg": "mailrelay on PostgreSQL",
+    "mailrelay-pg-2": "2 mailrelays, 1 PostgreSQL",
     "postfix+opendkim": "postfix+opendkim",
     "postfix+opendkim-unix": "postfix+opendkim unix",
     "postfix": "plain postfix",
@@ -139,6 +141,7 @@ def message(bench_id: str, size: int) -> bytes:
 
 async def client(
     endpoint: Endpoint,
+    port: int,
     ctx: ssl.SSLContext,
     ids: Sequence[str],
     size: int,
@@ -147,7 +150,7 @@ async def client(
 ) -> None:
     smtp = aiosmtplib.SMTP(
         hostname=endpoint.host,
-        port=endpoint.port,
+        port=port,
         tls_context=ctx,
         start_tls=True,
         local_hostname="client.bench.test",
@@ -192,7 +195,15 @@ async def load(
 ) -> tuple[list[Submitted], list[str]]:
     out: list[Submitted] = []
     errors: list[str] = []
-    await asyncio.gather(*(client(endpoint, ctx, mine, size, out, errors) for mine in ids))
+    # Clients spread over the target's ports: one each for several instances behind DNS round
+    # robin or a load balancer.
+    ports = [endpoint.port, *endpoint.more_ports]
+    await asyncio.gather(
+        *(
+            client(endpoint, ports[i % len(ports)], ctx, mine, size, out, errors)
+            for i, mine in enumerate(ids)
+        )
+    )
     return out, errors
 
 

@@ -52,7 +52,10 @@ def bin_dir() -> Path:
 class Cluster:
     """One running PostgreSQL server on a Unix socket in a temporary directory."""
 
-    def __init__(self) -> None:
+    def __init__(self, *, durable: bool = False) -> None:
+        # durable: fsync on, as a real server (the benchmark); the tests' clusters are
+        # throwaways and skip it.
+        self.durable = durable
         self.bin = bin_dir()
         self.root = Path(tempfile.mkdtemp(prefix="mailrelay-pg-"))
         self.data = self.root / "data"
@@ -106,9 +109,9 @@ class Cluster:
                     # A throwaway test cluster: no fsync to the disk. Commits still wait for
                     # the WAL write (synchronous_commit, which the store sets on).
                     "-c",
-                    "fsync=off",
+                    "fsync=on" if self.durable else "fsync=off",
                     "-c",
-                    "full_page_writes=off",
+                    "full_page_writes=on" if self.durable else "full_page_writes=off",
                     "-c",
                     "max_connections=200",
                 ],

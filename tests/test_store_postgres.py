@@ -32,6 +32,7 @@ from mailrelay.store import (
 from mailrelay.store.backend import Connection, begin, dialect
 from mailrelay.store.db import MIGRATIONS, statements
 from mailrelay.store.postgres import (
+    Pool,
     connect_unmigrated,
     schema_version,
     translate,
@@ -448,3 +449,19 @@ def test_accounts_keys_senders_webhooks_events_and_queue_on_both_backends(databa
         assert queue.list_queue(conn) == []
     finally:
         conn.close()
+
+
+def test_the_reader_pool_keeps_its_connections(pg_url: str) -> None:
+    """A connection lent for one read goes back open: many reads reuse the pool's few
+    connections rather than open one each (each a PostgreSQL backend process)."""
+    connect(pg_url).close()  # the schema
+    pool = Pool(pg_url, max_size=2)
+    pool.open()
+    try:
+        for _ in range(50):
+            assert pool.run(lambda c: c.execute("SELECT 1").fetchone()[0]) == 1
+        stats = pool._pool.get_stats()
+    finally:
+        pool.close()
+    assert stats["connections_num"] <= 2
+    assert stats.get("connections_lost", 0) == 0

@@ -131,8 +131,10 @@ class PgConnection:
 
     dialect: Literal["postgresql"] = "postgresql"
 
-    def __init__(self, conn: psycopg.Connection[Any]) -> None:
+    def __init__(self, conn: psycopg.Connection[Any], *, owned: bool = True) -> None:
         self.raw = conn
+        # False for a pool's connection lent for one operation: the pool keeps it open.
+        self.owned = owned
 
     def execute(self, sql: str, parameters: Sequence[Any] = (), /) -> psycopg.Cursor[Any]:
         try:
@@ -159,7 +161,7 @@ class PgConnection:
         # As a sqlite3 connection does: one dropped without close() is closed, not warned about
         # (the CLI and the tests open short-lived readers and let them go).
         raw = getattr(self, "raw", None)
-        if raw is not None and not raw.closed:
+        if raw is not None and getattr(self, "owned", False) and not raw.closed:
             raw.close()
 
 
@@ -225,7 +227,7 @@ class Pool:
 
     def run(self, op: Callable[[Connection], T]) -> T:
         with self._pool.connection() as conn:
-            return op(PgConnection(conn))
+            return op(PgConnection(conn, owned=False))
 
     def close(self) -> None:
         self._pool.close()
