@@ -22,6 +22,7 @@ from cryptography.hazmat.primitives.asymmetric.types import (
     PublicKeyTypes,
 )
 
+from mailrelay import dkim
 from mailrelay.config import Config
 
 
@@ -37,6 +38,7 @@ def run(cfg: Config, *, now: datetime.datetime | None = None) -> Report:
     problems = hostname(cfg) + listen_hosts(cfg)
     cert_problems, expires = certificate(cfg, now)
     problems += cert_problems + storage(cfg) + dkim_dir(cfg) + dkim_keys(cfg)
+    problems += dkim_master_key(cfg)
     return Report(problems, expires)
 
 
@@ -166,6 +168,46 @@ def dkim_keys(cfg: Config) -> list[str]:
         for domain, selector, path in rows
         if not os.access(path, os.R_OK)
     ]
+
+
+def dkim_master_key(cfg: Config) -> list[str]:
+    """On PostgreSQL the DKIM keys are in the database, sealed with dkim.master_key_file: it
+    must be set once keys exist, hold a key, and unseal every signing key (else every message
+    from that domain would get 451). A database that cannot be read now is the start's to find."""
+    if not cfg.storage.url:
+        return []
+    master: bytes | None = None
+    problem = ""
+    try:
+        master = dkim.read_master_key(cfg.dkim.master_key_file)
+    except dkim.MasterKeyError as exc:
+        problem = str(exc)
+    from mailrelay.store import postgres  # psycopg: only where PostgreSQL is configured
+
+    try:
+        conn = postgres.open_readonly(cfg.storage.url)
+        try:
+            rows = conn.execute(
+                "SELECT domain, selector, private_key_enc FROM dkim_keys WHERE active = 1"
+                " AND private_key_enc IS NOT NULL ORDER BY domain, selector"
+            ).fetchall()
+        finally:
+            conn.close()
+    except (OSError, sqlite3.Error):
+        rows = []  # no schema yet, or unreachable: `serve` says so when it connects
+    if master is None:
+        # Without keys in the database a missing key file harms nothing yet; a bad one does.
+        return [problem] if rows or cfg.dkim.master_key_file else []
+    problems = []
+    for domain, selector, sealed in rows:
+        try:
+            dkim.unseal(bytes(sealed), master, domain, selector)
+        except dkim.MasterKeyError:
+            problems.append(
+                f"dkim.master_key_file: {cfg.dkim.master_key_file} does not unseal the DKIM key"
+                f" {selector} of {domain} in the database (not the master key it was sealed with)"
+            )
+    return problems
 
 
 def _spki(public_key: PublicKeyTypes | CertificatePublicKeyTypes) -> bytes:

@@ -36,6 +36,7 @@ from mailrelay.cli_accounts import (
 from mailrelay.cli_apikeys import register as register_apikeys
 from mailrelay.cli_output import EXIT_CONFIG, ConfigProblem, UserError, open_existing_db
 from mailrelay.cli_queue import log, queue_delete, queue_list, queue_retry, queue_show, tls_check
+from mailrelay.cli_storage import register as register_storage
 from mailrelay.cli_suppression import suppression_add, suppression_list, suppression_remove
 from mailrelay.cli_tlsrpt import tlsrpt_list, tlsrpt_send_now, tlsrpt_show
 from mailrelay.cli_webhooks import register as register_webhooks
@@ -148,6 +149,7 @@ def _parser() -> argparse.ArgumentParser:
     cmd(rpt, "send-now", tlsrpt_send_now, "make every finished day's reports and send them")
     register_apikeys(sub)
     register_webhooks(sub)
+    register_storage(sub)
 
     sup = sub.add_parser(
         "suppression", help="addresses a sending domain no longer mails (hard bounces)"

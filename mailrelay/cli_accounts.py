@@ -12,6 +12,7 @@ from pathlib import Path
 
 from mailrelay import dkim, onboarding
 from mailrelay.cli_output import (
+    ConfigProblem,
     NoDatabase,
     UserError,
     create_db,
@@ -188,8 +189,8 @@ def _key_owner(cfg: Config) -> dkim.Owner | None:
     `onboarding.key_owner` decides: root-owned files where there is no service user, else an
     error naming the user to run as. Not root: None, the caller's own files.
     """
-    if os.geteuid() != 0:
-        return None
+    if os.geteuid() != 0 or cfg.storage.url:
+        return None  # on PostgreSQL the keys go into the database: no file is made
     database = Path(cfg.storage.path)
     directory = database.parent
     while not directory.exists() and directory != directory.parent:
@@ -217,6 +218,8 @@ def domain_add(cfg: Config, args: argparse.Namespace) -> int:
     conn = create_db(cfg, owner)
     try:
         report = onboarding.add(conn, cfg, domain, args.notify, owner)
+    except dkim.MasterKeyError as exc:
+        raise ConfigProblem(str(exc)) from exc
     except OSError as exc:
         raise UserError(
             f"cannot write the DKIM key under {cfg.dkim.key_dir}: {reason(exc, cfg.dkim.key_dir)}"
@@ -269,6 +272,8 @@ def domain_rotate(cfg: Config, args: argparse.Namespace) -> int:
         report = onboarding.rotate(conn, cfg, args.domain, owner)
     except onboarding.RotationError as exc:
         raise UserError(str(exc)) from exc
+    except dkim.MasterKeyError as exc:
+        raise ConfigProblem(str(exc)) from exc
     except OSError as exc:
         raise UserError(
             f"cannot write the DKIM key under {cfg.dkim.key_dir}: {reason(exc, cfg.dkim.key_dir)}"

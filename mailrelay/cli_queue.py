@@ -21,8 +21,8 @@ from mailrelay.store.queue import transaction
 def queue_list(cfg: Config, args: argparse.Namespace) -> int:
     if args.limit < 1:
         raise UserError(f"--limit must be at least 1, got {args.limit}")
-    # The JSON keeps to address and state per recipient (scripts read it); `queue show --json`
-    # has everything.
+    # The JSON keeps to address and state per recipient (scripts read it), and for an active
+    # one which instance holds it (claimed_by, lease_until); `queue show --json` has everything.
     rows = queue.list_queue(
         open_existing_db(cfg), limit=args.limit + 1, after=args.cursor, detail=not args.json
     )
@@ -50,6 +50,10 @@ def _pending(r: dict[str, Any]) -> str:
         text = f", next {when(r['next_attempt_at'])}"
     elif r["state"] == "active":
         text = ", being delivered"
+        if r["claimed_by"] is not None:
+            text += f" by {safe(r['claimed_by'])}"
+            if r["lease_until"] is not None:
+                text += f" (lease until {when(r['lease_until'])})"
     else:
         text = ""
     if r["attempts"]:

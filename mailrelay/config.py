@@ -116,6 +116,9 @@ class DeliveryConfig:
     # deadline for the whole fetch, short because it delays delivery to that domain.
     mta_sts_port: int = 443
     mta_sts_timeout: float = 10.0
+    # How often an idle runner looks at the queue; new mail wakes it at once (on PostgreSQL,
+    # mail queued by another instance too, through LISTEN/NOTIFY).
+    poll_interval: float = 1.0
     domains: dict[str, DomainPolicy] = field(default_factory=dict)
 
     def security_level_for(self, domain: str) -> SecurityLevel:
@@ -142,10 +145,27 @@ class DeliveryConfig:
 
 
 @dataclass(frozen=True)
+class InstanceConfig:
+    """This relay among several on one PostgreSQL database (issue 16)."""
+
+    # Names this instance's claims (`queue list`) and metrics; two instances on one database
+    # need distinct ids, and an instance must keep its id across restarts (at start it takes
+    # back only what its own id claimed).
+    id: str = field(default_factory=socket.gethostname)
+    # A claim's lease lasts delivery.attempt_deadline plus this: the runner gives up at the
+    # deadline, so a live instance's lease never runs out while it delivers; once an instance
+    # died, another one takes its recipients back when the lease has run out.
+    lease_margin: float = 60.0
+
+
+@dataclass(frozen=True)
 class DkimConfig:
     key_dir: str = "/var/lib/mailrelay/dkim"
     algorithm: DkimAlgorithm = "rsa"
     rsa_bits: int = 2048
+    # With storage.url: the file holding the key (32 random bytes, base64) that seals the DKIM
+    # private keys kept in the database; the same file on every instance. "" : none.
+    master_key_file: str = ""
 
 
 @dataclass(frozen=True)
@@ -260,6 +280,7 @@ class Config:
     submission: SubmissionConfig = SubmissionConfig()
     storage: StorageConfig = StorageConfig()
     delivery: DeliveryConfig = field(default_factory=DeliveryConfig)
+    instance: InstanceConfig = field(default_factory=InstanceConfig)
     dkim: DkimConfig = DkimConfig()
     records: RecordsConfig = RecordsConfig()
     limits: LimitsConfig = LimitsConfig()
@@ -364,17 +385,30 @@ def parse(raw: dict[str, Any], *, base_dir: Path) -> Config:
         dns_timeout=del_t.duration("dns_timeout", d.dns_timeout),
         mta_sts_port=del_t.integer("mta_sts_port", d.mta_sts_port, 1, 65535),
         mta_sts_timeout=del_t.duration("mta_sts_timeout", d.mta_sts_timeout),
+        poll_interval=del_t.duration("poll_interval", d.poll_interval),
         domains=overrides,
     )
     del_t.done()
     if delivery.ca_file and not Path(delivery.ca_file).is_file():
         raise ConfigError(f"delivery.ca_file: {delivery.ca_file!r} is not a readable file")
 
+    inst_t = top.table("instance")
+    instance = InstanceConfig(
+        id=inst_t.string("id", socket.gethostname()),
+        lease_margin=inst_t.duration("lease_margin", InstanceConfig.lease_margin),
+    )
+    inst_t.done()
+    if not _INSTANCE_ID.fullmatch(instance.id):
+        raise ConfigError(
+            f"instance.id: {instance.id!r} is not 1-64 letters, digits and '.', '-', '_'"
+        )
+
     dkim_t = top.table("dkim")
     dkim = DkimConfig(
         key_dir=_path(dkim_t.string("key_dir", DkimConfig.key_dir), base_dir),
         algorithm=dkim_t.choice("algorithm", DkimAlgorithm, "rsa"),
         rsa_bits=dkim_t.integer("rsa_bits", 2048, 1024, 4096),
+        master_key_file=_path(dkim_t.string("master_key_file", ""), base_dir),
     )
     dkim_t.done()
 
@@ -453,6 +487,7 @@ def parse(raw: dict[str, Any], *, base_dir: Path) -> Config:
         submission=submission,
         storage=storage,
         delivery=delivery,
+        instance=instance,
         dkim=dkim,
         records=records,
         limits=limits,
@@ -466,6 +501,7 @@ def parse(raw: dict[str, Any], *, base_dir: Path) -> Config:
 
 
 _HOSTNAME = re.compile(r"(?=.{1,253}$)([A-Za-z0-9]([A-Za-z0-9-]{0,61}[A-Za-z0-9])?\.?)+")
+_INSTANCE_ID = re.compile(r"[A-Za-z0-9._-]{1,64}")
 _DURATION = re.compile(r"(\d+(?:\.\d+)?)(ms|s|m|h|d)?")
 # A plain ASCII address (RFC 5322 dot-atom), enough to refuse a display name or a second
 # address in a header we write.

@@ -8,6 +8,11 @@ base64 seed instead and that is not a format any other tool reads: `load_private
 CPU-bound, about 0.6 ms for a 10 KB message (scripts/bench_dkim.py): a third of that is the RSA-2048
 signature, which OpenSSL computes with the GIL released, the rest is dkimpy's canonicalisation.
 Async callers should run it in a worker thread.
+
+On PostgreSQL (several instances, one store) the keys are not files: `new_sealed_keys` makes them
+sealed with AES-256-GCM under a master key (`dkim.master_key_file`, 32 random bytes in base64),
+bound to their domain and selector, and each instance unseals them from the database (`sign`
+with `master_key`, or the process's `use_master_key`).
 """
 
 from __future__ import annotations
@@ -26,8 +31,10 @@ from pathlib import Path
 from typing import Literal
 
 import authres
+from cryptography.exceptions import InvalidTag
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ed25519, rsa
+from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 
 from mailrelay import dkim_signature
 from mailrelay.config import DkimAlgorithm
@@ -44,6 +51,12 @@ class DkimKey:
     private_key_path: str
     # The TXT value to publish at <selector>._domainkey.<domain>, e.g. "v=DKIM1; k=rsa; p=MIIB...".
     public_record: str
+    # In the database instead of a file (private_key_path ""): the PEM, sealed (`seal`).
+    sealed_key: bytes | None = None
+
+
+class MasterKeyError(ValueError):
+    """The master key is missing, unreadable, malformed, or not the one a key was sealed with."""
 
 
 # Header fields signed when present: RFC 6376 §5.4.1's list plus List-Unsubscribe-Post, which
@@ -90,17 +103,7 @@ def generate_keys(
     _make_private_dir(directory, owner)
 
     # Generate before claiming a selector, so a failure here leaves nothing behind.
-    rsa_key = rsa.generate_private_key(public_exponent=65537, key_size=rsa_bits)
-    ed_key = ed25519.Ed25519PrivateKey.generate() if algorithm == "rsa+ed25519" else None
-    rsa_pem = rsa_key.private_bytes(
-        serialization.Encoding.PEM,
-        serialization.PrivateFormat.TraditionalOpenSSL,
-        serialization.NoEncryption(),
-    )
-    spki = rsa_key.public_key().public_bytes(
-        serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo
-    )
-    rsa_record = f"v=DKIM1; k=rsa; p={base64.b64encode(spki).decode('ascii')}"
+    rsa_pem, rsa_record, ed = _generate(algorithm, rsa_bits)
 
     for n in range(1, _MAX_ROTATIONS_PER_DAY + 1):
         stem = f"mr{day}" if n == 1 else f"mr{day}-{n}"
@@ -111,24 +114,162 @@ def generate_keys(
         if not _write_new_private(rsa_path, rsa_pem, owner):
             continue
         keys = [DkimKey(stem, "rsa-sha256", str(rsa_path), rsa_record)]
-        if ed_key is not None:
+        if ed is not None:
+            ed_pem, ed_record = ed
             ed_path = directory / f"{stem}e.pem"
-            ed_pem = ed_key.private_bytes(
-                serialization.Encoding.PEM,
-                serialization.PrivateFormat.PKCS8,
-                serialization.NoEncryption(),
-            )
             if not _write_new_private(ed_path, ed_pem, owner):
                 # Another rotation raced us to the Ed25519 name: give the stem back and move on.
                 rsa_path.unlink()
                 continue
-            raw_public = ed_key.public_key().public_bytes(
-                serialization.Encoding.Raw, serialization.PublicFormat.Raw
-            )
-            ed_record = f"v=DKIM1; k=ed25519; p={base64.b64encode(raw_public).decode('ascii')}"
             keys.append(DkimKey(f"{stem}e", "ed25519-sha256", str(ed_path), ed_record))
         return keys
     raise RuntimeError(f"{directory}: no free selector for {day} after {_MAX_ROTATIONS_PER_DAY}")
+
+
+def new_sealed_keys(
+    domain: str,
+    master_key: bytes,
+    taken: set[str],
+    algorithm: DkimAlgorithm = "rsa",
+    rsa_bits: int = 2048,
+    now: datetime | None = None,
+) -> list[DkimKey]:
+    """`generate_keys` for the database: the keys come back sealed (`sealed_key`), no file.
+
+    Selectors follow the same pattern; `taken` are the domain's selectors in the store. The
+    next free number after the day's highest is used, never a lower one: a retired key's row is
+    gone, but receivers may still cache its record, so its selector must not name another key.
+    """
+    domain = _domain(domain)
+    day = (now or datetime.now(UTC)).strftime("%Y%m%d")
+    numbers = [0]
+    for selector in taken:
+        match = re.fullmatch(rf"mr{day}(?:-(\d+))?e?", selector)
+        if match:
+            numbers.append(int(match.group(1) or 1))
+    n = max(numbers) + 1
+    if n > _MAX_ROTATIONS_PER_DAY:
+        raise RuntimeError(f"{domain}: no free selector for {day} after {_MAX_ROTATIONS_PER_DAY}")
+    stem = f"mr{day}" if n == 1 else f"mr{day}-{n}"
+    rsa_pem, rsa_record, ed = _generate(algorithm, rsa_bits)
+    keys = [DkimKey(stem, "rsa-sha256", "", rsa_record, seal(rsa_pem, master_key, domain, stem))]
+    if ed is not None:
+        ed_pem, ed_record = ed
+        sealed = seal(ed_pem, master_key, domain, f"{stem}e")
+        keys.append(DkimKey(f"{stem}e", "ed25519-sha256", "", ed_record, sealed))
+    return keys
+
+
+def _generate(
+    algorithm: DkimAlgorithm, rsa_bits: int
+) -> tuple[bytes, str, tuple[bytes, str] | None]:
+    """A new RSA key's PEM and record, and for "rsa+ed25519" an Ed25519 key's."""
+    if rsa_bits < 1024:
+        # dkimpy (and RFC 8301) reject shorter keys when verifying.
+        raise ValueError(f"rsa_bits: {rsa_bits} is below the 1024 bits verifiers accept")
+    rsa_key = rsa.generate_private_key(public_exponent=65537, key_size=rsa_bits)
+    rsa_pem = rsa_key.private_bytes(
+        serialization.Encoding.PEM,
+        serialization.PrivateFormat.TraditionalOpenSSL,
+        serialization.NoEncryption(),
+    )
+    spki = rsa_key.public_key().public_bytes(
+        serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo
+    )
+    rsa_record = f"v=DKIM1; k=rsa; p={base64.b64encode(spki).decode('ascii')}"
+    if algorithm != "rsa+ed25519":
+        return rsa_pem, rsa_record, None
+    ed_key = ed25519.Ed25519PrivateKey.generate()
+    ed_pem = ed_key.private_bytes(
+        serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
+    )
+    raw_public = ed_key.public_key().public_bytes(
+        serialization.Encoding.Raw, serialization.PublicFormat.Raw
+    )
+    ed_record = f"v=DKIM1; k=ed25519; p={base64.b64encode(raw_public).decode('ascii')}"
+    return rsa_pem, rsa_record, (ed_pem, ed_record)
+
+
+# ---- the master key and sealed keys (PostgreSQL) ------------------------------------------------
+
+MASTER_KEY_BYTES = 32  # AES-256
+_SEALED_FORMAT = b"\x01"  # one byte of format version, the 12-byte nonce, then AES-GCM's output
+_process_master_key: bytes | None = None
+
+
+def make_master_key() -> str:
+    """A new master key as the file holds it: 32 random bytes in base64, one line."""
+    return base64.b64encode(secrets.token_bytes(MASTER_KEY_BYTES)).decode("ascii") + "\n"
+
+
+def read_master_key(path: str) -> bytes:
+    """The 32-byte key in the file at `path`; MasterKeyError says what is wrong with it."""
+    if not path:
+        raise MasterKeyError(
+            "dkim.master_key_file: not set, and with storage.url the DKIM keys are kept in the"
+            " database sealed with it; make one with: mailrelay dkim make-master-key PATH"
+        )
+    try:
+        text = Path(path).read_text(encoding="ascii").strip()
+    except OSError as exc:
+        raise MasterKeyError(
+            f"dkim.master_key_file: cannot read {path}: {exc.strerror or exc}"
+        ) from None
+    except UnicodeDecodeError:
+        text = ""
+    try:
+        key = base64.b64decode(text, validate=True)
+    except ValueError:
+        key = b""
+    if len(key) != MASTER_KEY_BYTES:
+        raise MasterKeyError(
+            f"dkim.master_key_file: {path} does not hold {MASTER_KEY_BYTES} bytes in base64;"
+            " make one with: mailrelay dkim make-master-key PATH"
+        )
+    return key
+
+
+def use_master_key(key: bytes | None) -> None:
+    """The master key `sign` unseals with when it is given none (set once, at start)."""
+    global _process_master_key
+    _process_master_key = key
+
+
+def seal(pem: bytes, master_key: bytes, domain: str, selector: str) -> bytes:
+    """`pem` encrypted and authenticated with AES-256-GCM under `master_key`.
+
+    The domain and selector are the associated data: a sealed key copied onto another row (by
+    whoever can write the database but has no master key) fails to unseal instead of signing.
+    """
+    nonce = secrets.token_bytes(12)
+    return _SEALED_FORMAT + nonce + AESGCM(master_key).encrypt(nonce, pem, _aad(domain, selector))
+
+
+def unseal(sealed: bytes, master_key: bytes, domain: str, selector: str) -> bytes:
+    """The PEM `seal` sealed; MasterKeyError if `master_key` is not the key it was sealed with."""
+    sealed = bytes(sealed)
+    if sealed[:1] != _SEALED_FORMAT or len(sealed) < 1 + 12 + 16:
+        raise MasterKeyError(f"DKIM key {selector} of {domain}: not a sealed key")
+    try:
+        return AESGCM(master_key).decrypt(sealed[1:13], sealed[13:], _aad(domain, selector))
+    except InvalidTag:
+        raise MasterKeyError(
+            f"DKIM key {selector} of {domain}: dkim.master_key_file holds another master key"
+            " than the one it was sealed with"
+        ) from None
+
+
+@functools.lru_cache(maxsize=256)
+def sealed_signing_key(
+    sealed: bytes, master_key: bytes, domain: str, selector: str
+) -> dkim_signature.PrivateKey:
+    """`signing_key` for a sealed key: unsealed and parsed once per process (a sealed key is
+    never rewritten either: a rotation makes a new row)."""
+    return _parse(unseal(sealed, master_key, domain, selector), f"{domain} {selector}")
+
+
+def _aad(domain: str, selector: str) -> bytes:
+    return f"mailrelay-dkim:{domain.lower()}:{selector}".encode("ascii")
 
 
 def public_record(private_key_path: str) -> str:
@@ -172,7 +313,14 @@ def signing_key(path: str) -> dkim_signature.PrivateKey:
     return _load(path)
 
 
-def sign(message: bytes, *, domain: str, keys: list[DkimKey], now: float | None = None) -> bytes:
+def sign(
+    message: bytes,
+    *,
+    domain: str,
+    keys: list[DkimKey],
+    now: float | None = None,
+    master_key: bytes | None = None,
+) -> bytes:
     """Return `message` (CRLF line ends) with one DKIM-Signature per key prepended, keys[0] on top.
 
     Canonicalization is relaxed/relaxed, so the re-folding and trailing-space changes relays make
@@ -190,9 +338,20 @@ def sign(message: bytes, *, domain: str, keys: list[DkimKey], now: float | None 
     timestamp = int(time.time() if now is None else now)
     signatures: list[bytes] = []
     for key in keys:
-        private = signing_key(key.private_key_path)
+        if key.sealed_key is not None:
+            master = master_key or _process_master_key
+            if master is None:
+                raise MasterKeyError(
+                    f"DKIM key {key.selector} of {domain} is in the database;"
+                    " no dkim.master_key_file was loaded to unseal it"
+                )
+            private = sealed_signing_key(
+                bytes(key.sealed_key), master, domain_b.decode(), key.selector
+            )
+        else:
+            private = signing_key(key.private_key_path)
         if dkim_signature.algorithm(private) != key.algorithm.encode("ascii"):
-            raise ValueError(f"{key.private_key_path}: not an {key.algorithm} key")
+            raise ValueError(f"{key.private_key_path or key.selector}: not an {key.algorithm} key")
         signatures.append(
             dkim_signature.signature_field(
                 canonical,
@@ -281,7 +440,11 @@ def _write_new_private(path: Path, data: bytes, owner: Owner | None) -> bool:
 
 
 def _load(path: str) -> rsa.RSAPrivateKey | ed25519.Ed25519PrivateKey:
-    key = serialization.load_pem_private_key(Path(path).read_bytes(), password=None)
+    return _parse(Path(path).read_bytes(), path)
+
+
+def _parse(pem: bytes, name: str) -> rsa.RSAPrivateKey | ed25519.Ed25519PrivateKey:
+    key = serialization.load_pem_private_key(pem, password=None)
     if not isinstance(key, (rsa.RSAPrivateKey, ed25519.Ed25519PrivateKey)):
-        raise ValueError(f"{path}: not an RSA or Ed25519 private key")
+        raise ValueError(f"{name}: not an RSA or Ed25519 private key")
     return key

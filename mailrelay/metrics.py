@@ -220,6 +220,14 @@ class Metrics:
             "mailrelay_build_info", "Always 1; the version running.", ["version"], registry=r
         )
         self.build_info.labels(version=_version()).set(1)
+        # Not "instance": Prometheus sets that label to the scrape target and would rename ours.
+        self.instance_info = Gauge(
+            "mailrelay_instance_info",
+            "Always 1; instance_id is this relay's [instance] id, which its claims carry in the"
+            " shared queue (`queue list`).",
+            ["instance_id"],
+            registry=r,
+        )
         for code in REJECTED_CODES:
             self.smtpd_messages_rejected.labels(code=code)
         for limit in LIMITS:
@@ -255,6 +263,10 @@ class Metrics:
             self.webhook_deliveries,  # and so does the webhook dispatcher
         )
         self._adopted: _Adopted | None = None
+
+    def set_instance(self, instance_id: str) -> None:
+        self.instance_info.clear()
+        self.instance_info.labels(instance_id=instance_id).set(1)
 
     def delivery_text(self) -> str:
         """The delivery metrics in the text exposition format (the child's snapshot)."""

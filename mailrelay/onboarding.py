@@ -16,7 +16,7 @@ from mailrelay import dkim, domains
 from mailrelay.config import Config
 from mailrelay.signing import signing_key
 from mailrelay.store import accounts
-from mailrelay.store.backend import Connection
+from mailrelay.store.backend import Connection, dialect
 from mailrelay.store.queue import transaction
 
 # The user the systemd unit runs the service as; MAILRELAY_SERVICE_USER names another.
@@ -97,14 +97,7 @@ def add(
     if accounts.get_domain(conn, name) is not None:
         raise accounts.AlreadyExists(f"domain {name} exists already")
     # Keys first, outside the transaction: a failure leaves at worst an unused key file.
-    keys = dkim.generate_keys(
-        name,
-        config.dkim.key_dir,
-        config.dkim.algorithm,
-        config.dkim.rsa_bits,
-        datetime.now(UTC),
-        owner,
-    )
+    keys = _new_keys(conn, config, name, owner)
     now = time.time()
     with transaction(conn):
         domain = accounts.add_domain(conn, name, notify, now)
@@ -114,9 +107,37 @@ def add(
     return records(conn, config, name)
 
 
+def _new_keys(
+    conn: Connection, config: Config, name: str, owner: dkim.Owner | None
+) -> list[dkim.DkimKey]:
+    """A new key set: files in dkim.key_dir on SQLite (one machine), sealed for the database on
+    PostgreSQL, where every instance must read them (raises dkim.MasterKeyError without the
+    master key)."""
+    if dialect(conn) == "postgresql":
+        master = dkim.read_master_key(config.dkim.master_key_file)
+        taken = {k.selector for k in accounts.keys(conn, name, active_only=False)}
+        return dkim.new_sealed_keys(
+            name, master, taken, config.dkim.algorithm, config.dkim.rsa_bits, datetime.now(UTC)
+        )
+    return dkim.generate_keys(
+        name,
+        config.dkim.key_dir,
+        config.dkim.algorithm,
+        config.dkim.rsa_bits,
+        datetime.now(UTC),
+        owner,
+    )
+
+
 def _stored(key: dkim.DkimKey, *, active: bool) -> accounts.StoredKey:
     return accounts.StoredKey(
-        key.selector, key.algorithm, key.private_key_path, key.public_record, active, not active
+        key.selector,
+        key.algorithm,
+        key.private_key_path,
+        key.public_record,
+        active,
+        not active,
+        key.sealed_key,
     )
 
 
@@ -197,14 +218,7 @@ def rotate(
             f"domain {domain.name} has a next DKIM key already ({', '.join(waiting)});"
             f" publish its record and run: mailrelay domain activate-dkim {domain.name}"
         )
-    keys = dkim.generate_keys(
-        domain.name,
-        config.dkim.key_dir,
-        config.dkim.algorithm,
-        config.dkim.rsa_bits,
-        datetime.now(UTC),
-        owner,
-    )
+    keys = _new_keys(conn, config, domain.name, owner)
     now = time.time()
     with transaction(conn):
         for key in keys:

@@ -10,8 +10,9 @@ import signal
 import socket
 import threading
 import time
+from typing import TYPE_CHECKING
 
-from mailrelay import signing
+from mailrelay import dkim, signing
 from mailrelay.api.app import ApiServer
 from mailrelay.api.context import ApiContext
 from mailrelay.config import Config
@@ -24,13 +25,16 @@ from mailrelay.delivery.runner import QueueRunner
 from mailrelay.instance import InstanceLock
 from mailrelay.metrics import Metrics, MetricsServer
 from mailrelay.store import Store, accounts, claims, connect, queue
-from mailrelay.store.backend import Connection
+from mailrelay.store.backend import Connection, is_url
 from mailrelay.submission.auth import PasswordChecker
 from mailrelay.submission.handler import Accepted, SubmissionHandler
 from mailrelay.submission.server import SubmissionServer
 from mailrelay.submission.tls import ensure_self_signed
 from mailrelay.tlsrpt.reporter import Reporter
 from mailrelay.webhooks.dispatcher import Dispatcher
+
+if TYPE_CHECKING:
+    from mailrelay.store.listen import QueueListener
 
 log = logging.getLogger("mailrelay.service")
 
@@ -39,12 +43,19 @@ class Service:
     def __init__(self, config: Config) -> None:
         self.config = config
         self.metrics = Metrics()
-        # On PostgreSQL the lock still sits beside storage.path: one service per machine; the
-        # claims of several instances on one database are issue 16's next step.
+        self.metrics.set_instance(config.instance.id)
+        # On PostgreSQL the lock still sits beside storage.path: one service per storage.path
+        # (per machine, as a rule); several machines share the database, each with its own
+        # [instance] id (store/claims.py).
         self.lock = InstanceLock(config.storage.path)
         self.store = Store(config.storage.database, on_failure=self._store_failed)
         self.failed = asyncio.Event()  # the store broke for good: `serve` exits non-zero
         self.queue_changed = asyncio.Event()
+        if config.storage.url:
+            # The DKIM keys in the shared store are sealed with it (`check-config` has checked
+            # it unseals them); read once, for every signer in this process.
+            key_file = config.dkim.master_key_file
+            dkim.use_master_key(dkim.read_master_key(key_file) if key_file else None)
         sub = config.submission
         if sub.self_signed_if_missing and ensure_self_signed(
             sub.cert_file, sub.key_file, config.hostname
@@ -83,6 +94,12 @@ class Service:
             self.delivery = DeliveryProcess(config, self.metrics, self.queue_changed)
         else:
             self.delivery = InlineDelivery(config, self.store, self.metrics, self.queue_changed)
+        # On PostgreSQL, mail queued by any instance wakes this one's delivery (LISTEN/NOTIFY).
+        self.listener: QueueListener | None = None
+        if self.delivery is not None and is_url(config.storage.database):
+            from mailrelay.store.listen import QueueListener  # psycopg: PostgreSQL only
+
+            self.listener = QueueListener(config.storage.database, self.queue_changed.set)
         self.metrics.tls_certificate_expiry.set(self.submission.tls.not_after)
         self.metrics_server = MetricsServer(self.metrics, config.metrics.listen)
         # The HTTP API (`[api] listen`; "" turns it off) shares submission's checks and signer.
@@ -136,6 +153,8 @@ class Service:
             if self.delivery is None:
                 log.warning("event=delivery_held (delivery.hold = true: mail is queued, not sent)")
             else:
+                if self.listener is not None:
+                    await self.listener.start()
                 await self.delivery.start()
             await self.submission.start()
             if self.api is not None:
@@ -158,6 +177,8 @@ class Service:
         await self.submission.stop()
         if self.delivery is not None:
             await self.delivery.stop()
+        if self.listener is not None:
+            await self.listener.stop()
         await self.metrics_server.stop()
         await self.store.stop()
         with self._snapshot_lock:
@@ -182,8 +203,12 @@ class InlineDelivery:
         self.webhooks = Dispatcher(config, store, metrics) if config.webhooks.enabled else None
 
     async def start(self) -> None:
-        # Nothing else claims: whatever is still claimed was being delivered when we stopped.
-        released = await self.store.write(lambda c: claims.release_interrupted(c, time.time()))
+        # Whatever this instance (its [instance] id) still holds was being delivered when it
+        # stopped; other instances' claims are theirs, or run out (claims.recover_expired).
+        instance = self.runner.config.instance.id
+        released = await self.store.write(
+            lambda c: claims.release_interrupted(c, time.time(), instance)
+        )
         if released:
             log.info("event=recovered recipients=%d", released)
         await self.pool.start()

@@ -34,7 +34,9 @@ class Signer:
 def signing_key(key: accounts.StoredKey) -> dkim.DkimKey:
     """A key as the store keeps it, as the signer takes it."""
     algorithm = cast(dkim.SignatureAlgorithm, key.algorithm)
-    return dkim.DkimKey(key.selector, algorithm, key.private_key_path, key.public_record)
+    return dkim.DkimKey(
+        key.selector, algorithm, key.private_key_path, key.public_record, key.sealed_key
+    )
 
 
 def authentication_results(hostname: str, user: str) -> str:

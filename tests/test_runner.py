@@ -91,7 +91,9 @@ class Harness:
         """Start the store and the runner as the service does, after a (simulated) crash."""
         self.store = Store(self.path, busy_timeout=busy_timeout)
         await self.store.start()
-        await self.store.write(lambda c: claims.release_interrupted(c, self.clock()))
+        await self.store.write(
+            lambda c: claims.release_interrupted(c, self.clock(), self.config.instance.id)
+        )
         self.runner = QueueRunner(
             self.config, self.store, courier, Metrics(), asyncio.Event(), self.clock
         )

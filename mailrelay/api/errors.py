@@ -16,6 +16,8 @@ from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException
 from starlette.requests import ClientDisconnect
 
+from mailrelay.dkim import MasterKeyError
+
 if TYPE_CHECKING:
     from mailrelay.store.suppressions import Suppression
 
@@ -109,12 +111,19 @@ def install(app: FastAPI) -> None:
         log.exception("event=api_error path=%s", request.url.path, exc_info=exc)
         return response(500, "internal", "internal error")
 
+    async def not_configured(request: Request, exc: Exception) -> JSONResponse:
+        # On PostgreSQL a DKIM key is made or read sealed under dkim.master_key_file: without
+        # it (or with another) the operator must fix the configuration; the message says which.
+        log.error("event=api_not_configured path=%s error=%r", request.url.path, str(exc))
+        return response(503, "not_configured", str(exc))
+
     async def disconnected(request: Request, exc: Exception) -> JSONResponse:
         # The client went away, or BodyLimit refused the body and answered already.
         return response(400, "bad_request", "the request body was not read to its end")
 
     app.add_exception_handler(Exception, internal_error)
     app.add_exception_handler(ClientDisconnect, disconnected)
+    app.add_exception_handler(MasterKeyError, not_configured)
     app.add_exception_handler(ApiError, api_error)
     app.add_exception_handler(HTTPException, http_error)
     app.add_exception_handler(RequestValidationError, validation_error)

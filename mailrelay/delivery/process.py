@@ -162,11 +162,20 @@ async def _child_main(config: Config, sock: socket.socket) -> None:
     from mailrelay.tlsrpt.reporter import Reporter
     from mailrelay.webhooks.dispatcher import Dispatcher
 
+    if config.storage.url and config.dkim.master_key_file:
+        # TLS-RPT reports by mail are DKIM-signed here, with keys sealed in the shared store:
+        # this process needs the master key too (the parent's is not inherited by a spawn).
+        from mailrelay import dkim
+
+        dkim.use_master_key(dkim.read_master_key(config.dkim.master_key_file))
     metrics = Metrics()
     store = Store(config.storage.database)
     await store.start()
-    # This is the only process that claims: whatever is still claimed was its predecessor's.
-    released = await store.write(lambda c: claims.release_interrupted(c, time.time()))
+    # This is the instance's only process that claims: whatever its [instance] id still holds
+    # was its predecessor's. Other instances' claims are theirs (claims.recover_expired).
+    released = await store.write(
+        lambda c: claims.release_interrupted(c, time.time(), config.instance.id)
+    )
     if released:
         log.info("event=recovered recipients=%d", released)
     wake = asyncio.Event()

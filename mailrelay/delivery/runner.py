@@ -34,9 +34,6 @@ from mailrelay.tlsrpt import model as tlsrpt_model
 
 log = logging.getLogger("mailrelay.delivery")
 
-# The runner looks at the queue at least this often, and at once when woken by a new message
-# or a finished job (`queue retry` only touches the database, so the poll is what notices it).
-POLL_SECONDS = 1.0
 # A failed record is retried with a delay doubling from the first value to the cap.
 RECORD_RETRY_FIRST = 0.1
 RECORD_RETRY_MAX = 5.0
@@ -104,8 +101,7 @@ class QueueRunner:
             jobs: list[Job] = []
             if free > 0:
                 try:
-                    claim = functools.partial(claims.claim_due, now=self.clock(), limit=free)
-                    jobs = await self.store.write(claim)
+                    jobs = await self.store.write(functools.partial(self._claim, free))
                 except sqlite3.Error as exc:
                     log.error("event=claim_failed error=%r", str(exc))
             for job in jobs:
@@ -113,8 +109,22 @@ class QueueRunner:
             # Every free worker got a job (or none was free): more may be due, so a worker
             # that finishes wakes the next claim rather than leave it to the poll.
             self._backlog = len(jobs) >= free
+            # The queue at least every delivery.poll_interval, and at once when woken by a new
+            # message (on PostgreSQL any instance's: LISTEN/NOTIFY) or a finished job. The poll
+            # notices retries coming due and, on SQLite, `queue retry`.
             with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self.wake.wait(), POLL_SECONDS)
+                await asyncio.wait_for(self.wake.wait(), self.config.delivery.poll_interval)
+
+    def _claim(self, limit: int, conn: Connection) -> list[Job]:
+        """Take back what a dead instance held, then claim, in one transaction. The lease
+        outlasts the attempt's deadline (`_deliver`), so ours never runs out while we deliver."""
+        now = self.clock()
+        instance = self.config.instance
+        recovered = claims.recover_expired(conn, now, instance.id)
+        if recovered:
+            log.warning("event=recovered_expired_leases recipients=%d", recovered)
+        lease = now + self.config.delivery.attempt_deadline + instance.lease_margin
+        return claims.claim_due(conn, now, limit, instance.id, lease)
 
     async def _worker(self) -> None:
         while True:

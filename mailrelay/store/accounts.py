@@ -92,6 +92,8 @@ class StoredKey:
     active: bool
     # Made by `rotate-dkim`, not signing yet: `activate-dkim` switches to it.
     pending: bool = False
+    # On PostgreSQL: the private key itself, sealed (dkim.seal); private_key_path is then "".
+    sealed_key: bytes | None = None
 
 
 def add_domain(conn: Connection, name: str, notify: str, now: float) -> Domain:
@@ -142,7 +144,7 @@ def add_key(conn: Connection, domain: str, key: StoredKey, now: float) -> None:
         raise ValueError(f"DKIM key {key.selector}: a pending key does not sign yet")
     conn.execute(
         "INSERT INTO dkim_keys (domain, selector, algorithm, private_key_path, public_record,"
-        " active, created_at, activated_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+        " active, created_at, activated_at, private_key_enc) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
         (
             domain.lower(),
             key.selector,
@@ -152,6 +154,7 @@ def add_key(conn: Connection, domain: str, key: StoredKey, now: float) -> None:
             int(key.active),
             now,
             None if key.pending else now,
+            key.sealed_key,
         ),
     )
 
@@ -195,12 +198,13 @@ def keys(conn: Connection, domain: str, *, active_only: bool) -> list[StoredKey]
 
 
 _SELECT_KEYS = (
-    "SELECT selector, algorithm, private_key_path, public_record, active, activated_at"
-    " FROM dkim_keys WHERE domain = ?"
+    "SELECT selector, algorithm, private_key_path, public_record, active, activated_at,"
+    " private_key_enc FROM dkim_keys WHERE domain = ?"
 )
 
 
 def _key(row: sqlite3.Row | tuple[object, ...]) -> StoredKey:
+    sealed = None if row[6] is None else bytes(row[6])  # type: ignore[arg-type]
     return StoredKey(
-        str(row[0]), str(row[1]), str(row[2]), str(row[3]), bool(row[4]), row[5] is None
+        str(row[0]), str(row[1]), str(row[2]), str(row[3]), bool(row[4]), row[5] is None, sealed
     )

@@ -5,6 +5,12 @@ A claim counts the attempt and stamps `claimed_at` in the same transaction that 
 recipients active; recording the result clears the stamp. A recipient that is found active
 at start was therefore being delivered when the process died: its attempt is already counted
 (so a crash loop still ages the message towards expiry) and the stamp says it was interrupted.
+Several instances on one PostgreSQL database (issue 16): a claim also records who holds it
+(`claimed_by`, the `[instance] id`) and until when (`lease_until`). At start an instance
+releases only its own claims (and those from before claims carried an id); what an instance
+that died holds (kill -9, power off) another one takes back once the lease has run out, as an
+interrupted attempt. The lease outlasts delivery.attempt_deadline, at which the runner gives up,
+so a live instance's recipients are never taken from it while it delivers them.
 Functions take a `Connection` and run inside the caller's transaction (`Store.write`).
 """
 
@@ -45,9 +51,16 @@ class Job:
     tls_optional: bool = False  # "TLS-Required: No": may set recipient policies aside, if allowed
 
 
-def claim_due(conn: Connection, now: float, limit: int) -> list[Job]:
+def claim_due(
+    conn: Connection,
+    now: float,
+    limit: int,
+    instance: str | None = None,
+    lease_until: float | None = None,
+) -> list[Job]:
     """Claim up to `limit` jobs (not recipient rows: a message with 100 recipients at one
-    domain is one job, claimed whole in this one transaction), the longest-due first."""
+    domain is one job, claimed whole in this one transaction), the longest-due first, for
+    `instance` until `lease_until`."""
     # INDEXED BY: with many recipients per message SQLite's planner prefers walking the
     # message index, which reads every queued row; the due index reads only the due ones, so a
     # claim costs the same with a million recipients deferred to later as with none.
@@ -77,8 +90,8 @@ def claim_due(conn: Connection, now: float, limit: int) -> list[Job]:
             continue  # all of it claimed by another instance meanwhile
         conn.executemany(
             "UPDATE recipients SET state = 'active', attempts = attempts + 1, claimed_at = ?,"
-            " updated_at = ? WHERE id = ?",
-            [(now, now, row["id"]) for row in rows],
+            " claimed_by = ?, lease_until = ?, updated_at = ? WHERE id = ?",
+            [(now, instance, lease_until, now, row["id"]) for row in rows],
         )
         msg = conn.execute(
             "SELECT sender, data, created_at, is_bounce, sender_domain, requiretls, tls_optional"
@@ -112,13 +125,36 @@ def claim_due(conn: Connection, now: float, limit: int) -> list[Job]:
     return jobs
 
 
-def release_interrupted(conn: Connection, now: float) -> int:
-    """At start: what was in flight when the process stopped is due again at once. The attempt
-    stays counted and `claimed_at` stays set, so the next claim knows it was interrupted."""
+def release_interrupted(conn: Connection, now: float, instance: str | None = None) -> int:
+    """At start: what this instance had in flight when it stopped is due again at once, and so
+    is what was claimed before claims named their instance. The attempt stays counted and
+    `claimed_at` stays set, so the next claim knows it was interrupted. Other instances' claims
+    are theirs (they are alive, or their leases run out: `recover_expired`). On SQLite every
+    claim is ours whatever id it names: one service per file (the lock beside it), so a
+    changed [instance] id (a container's new host name) strands nothing until a lease ends."""
+    mine = "" if dialect(conn) == "sqlite" else " AND (claimed_by IS NULL OR claimed_by = ?)"
     cur = conn.execute(
-        "UPDATE recipients SET state = 'deferred', next_attempt_at = ?, updated_at = ?"
-        " WHERE state = 'active'",
-        (now, now),
+        "UPDATE recipients SET state = 'deferred', next_attempt_at = ?, claimed_by = NULL,"  # noqa: S608
+        f" lease_until = NULL, updated_at = ? WHERE state = 'active'{mine}",
+        (now, now) if not mine else (now, now, instance),
+    )
+    return cur.rowcount
+
+
+def recover_expired(conn: Connection, now: float, instance: str) -> int:
+    """Make due again what another instance claimed and whose lease has run out: that instance
+    died during the attempt (a live one gives up at the deadline, before its lease ends). Its
+    attempt stays counted and `claimed_at` set, as at a restart. Our own claims are never taken
+    back here: we may still be recording them; our next start releases them."""
+    # PostgreSQL: skip rows another transaction holds (an instance recovering or recording them
+    # at this moment) rather than wait for it and risk a deadlock between two recoverers.
+    lock = " FOR UPDATE SKIP LOCKED" if dialect(conn) == "postgresql" else ""
+    cur = conn.execute(
+        "UPDATE recipients SET state = 'deferred', next_attempt_at = ?, claimed_by = NULL,"  # noqa: S608
+        " lease_until = NULL, updated_at = ? WHERE id IN (SELECT id FROM recipients"
+        " WHERE state = 'active' AND lease_until < ? AND claimed_by <> ?"
+        f"{lock})",
+        (now, now, now, instance),
     )
     return cur.rowcount
 
@@ -148,6 +184,7 @@ def record(conn: Connection, message_id: str, updates: list[RecipientUpdate], no
     for u in updates:
         conn.execute(
             "UPDATE recipients SET state = ?, status = ?, reply = ?, claimed_at = NULL,"
+            " claimed_by = NULL, lease_until = NULL,"
             " next_attempt_at = coalesce(?, next_attempt_at), updated_at = ? WHERE id = ?",
             (u.state, u.status, u.diagnostic, u.next_attempt_at, now, u.recipient_id),
         )

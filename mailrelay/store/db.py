@@ -297,6 +297,19 @@ MIGRATIONS: tuple[str, ...] = (
     INSERT INTO api_key_domains (key_id, domain) SELECT id, domain FROM api_keys;
     ALTER TABLE api_keys DROP COLUMN domain;
     """,
+    # 12: DKIM private keys in the shared store (PostgreSQL): the PEM sealed with AES-256-GCM under
+    # dkim.master_key_file (dkim.seal). NULL where the key is a file in dkim.key_dir (SQLite).
+    """
+    ALTER TABLE dkim_keys ADD COLUMN private_key_enc BLOB;
+    """,
+    # 13: several instances on one database (store/claims.py): who holds an active recipient's
+    # claim ([instance] id) and until when; another instance takes it back once the lease ran
+    # out. NULL on claims made before (one instance): the next start releases those.
+    """
+    ALTER TABLE recipients ADD COLUMN claimed_by TEXT;
+    ALTER TABLE recipients ADD COLUMN lease_until REAL;
+    CREATE INDEX recipients_leases ON recipients(lease_until) WHERE state = 'active';
+    """,
 )
 
 

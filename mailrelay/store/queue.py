@@ -13,7 +13,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Literal
 
-from mailrelay.store.backend import Connection, begin
+from mailrelay.store.backend import Connection, begin, dialect
 
 RecipientState = Literal["queued", "active", "deferred", "sent", "bounced"]
 EventName = Literal["QUEUED", "REFUSED", "DELIVERED", "SOFT-BOUNCE", "HARD-BOUNCE"]
@@ -79,6 +79,10 @@ def enqueue(
             (message_id, address, domain, now, now),
         )
         add_event(conn, now, message_id, address, "QUEUED")
+    if dialect(conn) == "postgresql":
+        # Wakes every instance's runner once this commits (store/listen.py); one per
+        # transaction however many messages it queues.
+        conn.execute("NOTIFY mailrelay_queue")
     return message_id
 
 
@@ -160,9 +164,10 @@ def list_queue(
     result: list[dict[str, object]] = []
     for row in conn.execute(sql, params).fetchall():
         recipients = [
-            dict(r)
+            _listed(dict(r))
             for r in conn.execute(
-                f"SELECT {columns} FROM recipients WHERE message_id = ? ORDER BY id",  # noqa: S608
+                f"SELECT {columns}, claimed_by, lease_until FROM recipients"  # noqa: S608
+                " WHERE message_id = ? ORDER BY id",
                 (row["id"],),
             )
         ]
@@ -177,6 +182,14 @@ def list_queue(
             }
         )
     return result
+
+
+def _listed(recipient: dict[str, object]) -> dict[str, object]:
+    """An active recipient keeps which instance ([instance] id) holds its claim, and until
+    when (None: claimed before claims named their instance); the others have no claim."""
+    if recipient["state"] != "active":
+        del recipient["claimed_by"], recipient["lease_until"]
+    return recipient
 
 
 def show(conn: Connection, message_id: str) -> dict[str, object] | None:
@@ -239,7 +252,10 @@ def retry(conn: Connection, message_id: str | None, now: float) -> int:
     if message_id is not None:
         sql += " AND message_id = ?"
         params += (message_id.upper(),)
-    return conn.execute(sql, params).rowcount
+    count = conn.execute(sql, params).rowcount
+    if count and dialect(conn) == "postgresql":
+        conn.execute("NOTIFY mailrelay_queue")  # the instances try them now, not at their poll
+    return count
 
 
 def state_counts(conn: Connection) -> dict[str, int]:

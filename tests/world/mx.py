@@ -75,6 +75,9 @@ class Behaviour:
     rcpt_replies: Mapping[str, str] = field(default_factory=dict)
     # None hangs up after the final dot without replying, like a server that crashed.
     data_reply: str | None = "250 2.0.0 Message accepted"
+    # Seconds to wait after the final dot before the reply (or the hang-up): a slow server, or
+    # with data_reply=None one that holds the client until it gives up (or dies).
+    data_stall: float = 0.0
     # A 421 here closes the connection after the reply: a server that timed out an idle client
     # but whose close the client has not noticed yet (a stale pooled session).
     rset_reply: str = "250 2.0.0 OK"
@@ -368,6 +371,8 @@ class MxServer(StreamServing):
                 if data is None:
                     return
                 final = b.data_reply
+                if b.data_stall:
+                    await asyncio.sleep(b.data_stall)
                 tls = conn.tls is not None
                 conn.messages.append(Message(mail_from, tuple(rcpts), data, tls, final or ""))
                 self._notify()
