@@ -5,6 +5,7 @@ only; no system Postfix or OpenDKIM is touched (and apt-get installs them if mis
 from __future__ import annotations
 
 import asyncio
+import base64
 import contextlib
 import json
 import os
@@ -355,11 +356,19 @@ class Mailrelay:
         # them there. Instances on one machine share the DKIM key directory.
         self.first = instance in ("", "1")
         state = shared_dir or directory
-        storage = (
-            f"url = {json.dumps(storage_url)}\n"
-            if storage_url
-            else f"path = {json.dumps(str(directory / 'mailrelay.sqlite3'))}\n"
-        )
+        # With a url, the path is only where this instance's lock file goes.
+        storage = f"path = {json.dumps(str(directory / 'mailrelay.sqlite3'))}\n"
+        if storage_url:
+            storage += f"url = {json.dumps(storage_url)}\n"
+        master = ""
+        if storage_url:
+            # On PostgreSQL the DKIM keys are sealed in the database under one master key,
+            # the same file for every instance.
+            key_file = state / "dkim-master.key"
+            if not key_file.exists():
+                key_file.write_text(base64.b64encode(os.urandom(32)).decode() + "\n")
+                key_file.chmod(0o600)
+            master = f"master_key_file = {json.dumps(str(key_file))}\n"
         python = ROOT / ".venv" / "bin" / "python"
         self.command = [str(python if python.exists() else sys.executable), "-m", "mailrelay"]
         self.command += ["--config", str(directory / "mailrelay.toml")]
@@ -376,14 +385,15 @@ class Mailrelay:
             + "[storage]\n"
             + storage
             + "[dkim]\n"
-            f"key_dir = {q(str(state / 'dkim'))}\n"
-            "rsa_bits = 2048\n"
+            f"key_dir = {q(str(state / 'dkim'))}\n" + master + "rsa_bits = 2048\n"
             "[delivery]\n"
             f"port = {sink_port}\n"
             f"nameservers = [{q(nameserver)}]\n"
             'security_level = "encrypt"\n'
             "hold = false\n"
             "[metrics]\n"
+            'listen = ""\n'
+            "[api]\n"
             'listen = ""\n'
             # One user sends the whole load: per-user rates and quotas (which Postfix does not
             # have by default either) would refuse most of it.
