@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import datetime
 import os
+import re
 import socket
 import sqlite3
 from dataclasses import dataclass
@@ -38,7 +39,7 @@ def run(cfg: Config, *, now: datetime.datetime | None = None) -> Report:
     problems = hostname(cfg) + listen_hosts(cfg)
     cert_problems, expires = certificate(cfg, now)
     problems += cert_problems + storage(cfg) + dkim_dir(cfg) + dkim_keys(cfg)
-    problems += dkim_master_key(cfg)
+    problems += database(cfg) + dkim_master_key(cfg)
     return Report(problems, expires)
 
 
@@ -168,6 +169,33 @@ def dkim_keys(cfg: Config) -> list[str]:
         for domain, selector, path in rows
         if not os.access(path, os.R_OK)
     ]
+
+
+# PostgreSQL's refusals that no retry can change: no such role or database, a wrong password,
+# no pg_hba.conf entry for us. libpq gives no SQLSTATE for a failed connection, so they are
+# told by the server's FATAL message. Anything else (not listening yet, a timeout, "the
+# database system is starting up", too many clients) passes: `serve`, which exits 1 when it
+# cannot connect, is restarted by systemd until it can; a 78 here would keep it down for good.
+_CONFIG_REFUSALS = re.compile(
+    r"FATAL:\s+(?P<why>(?:database|role) \S+ does not exist|password authentication failed"
+    r".*|no pg_hba\.conf entry.*|.*authentication failed.*)"
+)
+
+
+def database(cfg: Config) -> list[str]:
+    """With storage.url: that the database takes our credentials (without changing it)."""
+    if not cfg.storage.url:
+        return []
+    from mailrelay.config import redact_url
+    from mailrelay.store import postgres  # psycopg: only where PostgreSQL is configured
+
+    try:
+        postgres.connect_unmigrated(cfg.storage.url).close()
+    except sqlite3.Error as exc:
+        refused = _CONFIG_REFUSALS.search(str(exc))
+        if refused is not None:
+            return [f"storage.url: {redact_url(cfg.storage.url)}: {refused['why'].strip()}"]
+    return []
 
 
 def dkim_master_key(cfg: Config) -> list[str]:

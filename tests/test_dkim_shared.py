@@ -19,6 +19,7 @@ from mailrelay import dkim, signing
 from mailrelay.store import accounts, apikeys, connect, postgres
 from mailrelay.store.queue import transaction
 from tests.conftest import RelayFactory, add_user, free_port, make_config
+from tests.pg import Cluster
 from tests.test_cli import cli, config_error, ok, user_error
 from tests.test_storage_migrate import cli_config, master_key_file
 
@@ -188,3 +189,18 @@ async def test_the_api_without_the_master_key_says_so(
     assert got.status_code == 503
     error = got.json()["error"]
     assert error["code"] == "not_configured" and "dkim.master_key_file" in error["message"]
+
+
+def test_check_config_names_a_database_that_refuses_us_and_lets_a_down_one_pass(
+    tmp_path: Path, postgres_cluster: Cluster
+) -> None:
+    """A wrong database or role is the configuration's (exit 78, named); a server that does not
+    answer yet is not: check-config passes, and `serve` (exit 1, restarted) waits it out."""
+    missing = postgres_cluster.url("nosuchdb")
+    config = pg_config(tmp_path, missing, None)
+    assert config_error(cli(config, "check-config")) == (
+        f'storage.url: {missing}: database "nosuchdb" does not exist'
+    )
+    down = "postgresql:///mailrelay?host=/nonexistent-socket-dir&user=postgres"
+    config = pg_config(tmp_path, down, None)
+    assert ok(config, "check-config").startswith("configuration ok")
