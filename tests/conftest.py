@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import random
 import smtplib
 import socket
 import ssl
@@ -32,8 +33,32 @@ PASSWORD = "correct horse battery staple"
 os.environ["MAILRELAY_SERVICE_USER"] = "mailrelay-tests-no-such-user"
 
 
+def _ephemeral_low() -> int:
+    try:
+        with open("/proc/sys/net/ipv4/ip_local_port_range") as f:
+            return int(f.read().split()[0])
+    except (OSError, ValueError, IndexError):
+        return 32768
+
+
+# Ports for servers the tests start are chosen below the kernel's ephemeral range: a port the
+# OS hands out for bind(0) is also the source port of some outgoing connection (to an MX, to
+# PostgreSQL) a moment later, and a server that binds it after that fails with EADDRINUSE.
+# Chosen at random, per process, and checked free: the two test workers rarely pick the same.
+_PORTS = range(20000, min(_ephemeral_low(), 32768))
+_random = random.Random(os.getpid() ^ time.time_ns())
+
+
 def free_port(host: str = "127.0.0.1") -> int:
-    with socket.socket() as s:
+    for _ in range(500 if len(_PORTS) > 1000 else 0):
+        port = _random.choice(_PORTS)
+        with socket.socket() as s:
+            try:
+                s.bind((host, port))
+            except OSError:
+                continue
+            return port
+    with socket.socket() as s:  # no room below the ephemeral range on this machine
         s.bind((host, 0))
         return int(s.getsockname()[1])
 

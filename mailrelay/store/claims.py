@@ -17,7 +17,7 @@ Functions take a `Connection` and run inside the caller's transaction (`Store.wr
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Literal
+from typing import Any, Literal
 
 from mailrelay.delivery.result import Evidence
 from mailrelay.store.backend import Connection, dialect
@@ -61,43 +61,24 @@ def claim_due(
     """Claim up to `limit` jobs (not recipient rows: a message with 100 recipients at one
     domain is one job, claimed whole in this one transaction), the longest-due first, for
     `instance` until `lease_until`."""
-    # INDEXED BY: with many recipients per message SQLite's planner prefers walking the
-    # message index, which reads every queued row; the due index reads only the due ones, so a
-    # claim costs the same with a million recipients deferred to later as with none.
-    # PostgreSQL has no INDEXED BY, and its planner uses the partial index by itself.
-    indexed_by = " INDEXED BY recipients_due" if dialect(conn) == "sqlite" else ""
-    groups = conn.execute(
-        "SELECT message_id, domain, min(next_attempt_at) AS due"  # noqa: S608 -- constants
-        f" FROM recipients{indexed_by}"
-        " WHERE state IN ('queued', 'deferred') AND next_attempt_at <= ?"
-        " GROUP BY message_id, domain ORDER BY due, message_id LIMIT ?",
-        (now, limit),
-    ).fetchall()
-    # PostgreSQL, where several instances may claim at once: lock the rows of each group, and
-    # skip those another transaction holds (its claim); a row it claimed and committed since
-    # this statement began is re-checked under the lock and no longer matches. No recipient is
-    # ever claimed twice. SQLite's single writer needs none of this.
-    lock = " FOR UPDATE SKIP LOCKED" if dialect(conn) == "postgresql" else ""
-    jobs = []
-    for group in groups:
-        rows = conn.execute(
-            "SELECT id, address, attempts, claimed_at, reply FROM recipients"  # noqa: S608
-            " WHERE message_id = ? AND domain = ? AND state IN ('queued', 'deferred')"
-            f" AND next_attempt_at <= ? ORDER BY id{lock}",
-            (group["message_id"], group["domain"], now),
-        ).fetchall()
-        if not rows:
-            continue  # all of it claimed by another instance meanwhile
-        conn.executemany(
-            "UPDATE recipients SET state = 'active', attempts = attempts + 1, claimed_at = ?,"
-            " claimed_by = ?, lease_until = ?, updated_at = ? WHERE id = ?",
-            [(now, instance, lease_until, now, row["id"]) for row in rows],
+    if dialect(conn) == "postgresql":
+        groups = _claim_postgresql(conn, now, limit, instance, lease_until)
+    else:
+        groups = _claim_sqlite(conn, now, limit, instance, lease_until)
+    if not groups:
+        return []
+    message_ids = list(dict.fromkeys(message_id for message_id, _ in groups))
+    messages = {
+        row["id"]: row
+        for row in conn.execute(
+            "SELECT id, sender, data, created_at, is_bounce, sender_domain, requiretls,"  # noqa: S608
+            f" tls_optional FROM messages WHERE id IN ({', '.join('?' * len(message_ids))})",
+            message_ids,
         )
-        msg = conn.execute(
-            "SELECT sender, data, created_at, is_bounce, sender_domain, requiretls, tls_optional"
-            " FROM messages WHERE id = ?",
-            (group["message_id"],),
-        ).fetchone()
+    }
+    jobs = []
+    for (message_id, domain), rows in groups.items():
+        msg = messages[message_id]
         recipients = tuple(
             ClaimedRecipient(
                 row["id"],
@@ -110,9 +91,9 @@ def claim_due(
         )
         jobs.append(
             Job(
-                message_id=group["message_id"],
+                message_id=message_id,
                 sender=msg["sender"],
-                domain=group["domain"],
+                domain=domain,
                 data=bytes(msg["data"]),
                 created_at=msg["created_at"],
                 is_bounce=bool(msg["is_bounce"]),
@@ -123,6 +104,84 @@ def claim_due(
             )
         )
     return jobs
+
+
+# A claim's recipient rows by (message id, domain), in claim order; each row has the
+# recipient's id, address, attempts, claimed_at and reply as they were before this claim.
+_Groups = dict[tuple[str, str], list[Any]]
+
+
+def _claim_sqlite(
+    conn: Connection, now: float, limit: int, instance: str | None, lease_until: float | None
+) -> _Groups:
+    # INDEXED BY: with many recipients per message SQLite's planner prefers walking the
+    # message index, which reads every queued row; the due index reads only the due ones, so a
+    # claim costs the same with a million recipients deferred to later as with none.
+    # SQLite's single writer needs no row locks: nothing else claims during this transaction.
+    groups = conn.execute(
+        "SELECT message_id, domain, min(next_attempt_at) AS due"
+        " FROM recipients INDEXED BY recipients_due"
+        " WHERE state IN ('queued', 'deferred') AND next_attempt_at <= ?"
+        " GROUP BY message_id, domain ORDER BY due, message_id LIMIT ?",
+        (now, limit),
+    ).fetchall()
+    claimed: _Groups = {}
+    for group in groups:
+        rows = conn.execute(
+            "SELECT id, address, attempts, claimed_at, reply FROM recipients"
+            " WHERE message_id = ? AND domain = ? AND state IN ('queued', 'deferred')"
+            " AND next_attempt_at <= ? ORDER BY id",
+            (group["message_id"], group["domain"], now),
+        ).fetchall()
+        if not rows:
+            continue
+        conn.executemany(
+            "UPDATE recipients SET state = 'active', attempts = attempts + 1, claimed_at = ?,"
+            " claimed_by = ?, lease_until = ?, updated_at = ? WHERE id = ?",
+            [(now, instance, lease_until, now, row["id"]) for row in rows],
+        )
+        claimed[(group["message_id"], group["domain"])] = rows
+    return claimed
+
+
+# PostgreSQL, where several instances may claim at once: the whole batch in one statement.
+# `due` locks the rows of the first `limit` due groups and skips those another transaction
+# holds (its claim); a row it claimed and committed since this statement began is re-checked
+# under the lock and no longer matches. No recipient is ever claimed twice. `due` keeps the
+# values from before the claim (the previous claimed_at says the last attempt was interrupted),
+# and `group_due` orders the jobs as SQLite's path does. PostgreSQL has no INDEXED BY, and its
+# planner uses the partial index by itself.
+_CLAIM_POSTGRESQL = """
+WITH groups AS (
+    SELECT message_id, domain, min(next_attempt_at) AS group_due FROM recipients
+    WHERE state IN ('queued', 'deferred') AND next_attempt_at <= ?
+    GROUP BY message_id, domain ORDER BY group_due, message_id LIMIT ?
+), due AS (
+    SELECT r.id, r.attempts, r.claimed_at, g.group_due FROM recipients r
+    JOIN groups g ON g.message_id = r.message_id AND g.domain = r.domain
+    WHERE r.state IN ('queued', 'deferred') AND r.next_attempt_at <= ?
+    FOR UPDATE OF r SKIP LOCKED
+), claimed AS (
+    UPDATE recipients r SET state = 'active', attempts = r.attempts + 1, claimed_at = ?,
+        claimed_by = ?, lease_until = ?, updated_at = ?
+    FROM due WHERE r.id = due.id
+    RETURNING r.id, r.message_id, r.domain, r.address, due.attempts, due.claimed_at, r.reply,
+        due.group_due
+)
+SELECT id, message_id, domain, address, attempts, claimed_at, reply FROM claimed
+ORDER BY group_due, message_id, domain, id
+"""
+
+
+def _claim_postgresql(
+    conn: Connection, now: float, limit: int, instance: str | None, lease_until: float | None
+) -> _Groups:
+    claimed: _Groups = {}
+    for row in conn.execute(
+        _CLAIM_POSTGRESQL, (now, limit, now, now, instance, lease_until, now)
+    ).fetchall():
+        claimed.setdefault((row["message_id"], row["domain"]), []).append(row)
+    return claimed
 
 
 def release_interrupted(conn: Connection, now: float, instance: str | None = None) -> int:

@@ -17,7 +17,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Literal
 
-from mailrelay.store.backend import Connection
+from mailrelay.store.backend import Connection, dialect
 from mailrelay.tlsrpt.model import RESULT_TYPES, Session
 
 log = logging.getLogger("mailrelay.tlsrpt")
@@ -268,12 +268,17 @@ def claim_due(conn: Connection, now: float, lease: float) -> list[Delivery]:
     """Pending deliveries due at `now`, claimed: the attempt is counted and the next one put
     `lease` seconds off, so another process (`tlsrpt send-now` beside the service) or a task
     that dies half way does not send the same report twice at once."""
+    # PostgreSQL, where several instances send at once: lock the deliveries claimed (not their
+    # reports, which two deliveries share), skipping those another transaction holds, so that
+    # none is taken twice; one it claimed and committed meanwhile is re-checked under the lock
+    # and is no longer due. SQLite's single writer needs none of this.
+    lock = " FOR UPDATE OF d SKIP LOCKED" if dialect(conn) == "postgresql" else ""
     rows = conn.execute(
-        "SELECT d.report_key, d.uri, d.method, d.attempts, d.first_attempt_at, r.report_id,"
+        "SELECT d.report_key, d.uri, d.method, d.attempts, d.first_attempt_at, r.report_id,"  # noqa: S608
         " r.domain, r.day, r.report_json FROM tlsrpt_deliveries d"
         " JOIN tlsrpt_reports r ON r.id = d.report_key"
         " WHERE d.state = 'pending' AND d.next_attempt_at <= ?"
-        " ORDER BY d.next_attempt_at, d.report_key, d.uri",
+        f" ORDER BY d.next_attempt_at, d.report_key, d.uri{lock}",
         (now,),
     ).fetchall()
     claimed = []

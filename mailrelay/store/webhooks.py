@@ -23,7 +23,7 @@ from typing import Any, Literal, get_args
 
 from mailrelay.delivery.result import Evidence, Insecure
 from mailrelay.store.accounts import NotFound, get_domain
-from mailrelay.store.backend import Connection
+from mailrelay.store.backend import Connection, dialect
 from mailrelay.store.claims import Job, RecipientUpdate
 from mailrelay.store.suppressions import Suppression
 
@@ -325,11 +325,16 @@ def claim_due(conn: Connection, now: float, lease: float, limit: int) -> list[De
     """Claim up to `limit` due deliveries: each attempt is counted and the row is not due again
     for `lease` seconds, so that another process (or a pass after a crash) never posts it
     while this one does. `finish` settles it."""
+    # PostgreSQL, where several instances dispatch at once: lock the rows claimed, and skip
+    # those another transaction holds (its claim), so that no delivery is taken twice; a row it
+    # claimed and committed since this statement began is re-checked under the lock and is no
+    # longer due. SQLite's single writer needs none of this.
+    lock = " FOR UPDATE SKIP LOCKED" if dialect(conn) == "postgresql" else ""
     ids = [
         str(r[0])
         for r in conn.execute(
-            "SELECT id FROM webhook_deliveries WHERE state = 'pending' AND next_attempt_at <= ?"
-            " ORDER BY next_attempt_at, id LIMIT ?",
+            "SELECT id FROM webhook_deliveries WHERE state = 'pending' AND next_attempt_at <= ?"  # noqa: S608
+            f" ORDER BY next_attempt_at, id LIMIT ?{lock}",
             (now, limit),
         )
     ]
