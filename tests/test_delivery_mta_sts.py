@@ -83,11 +83,13 @@ class Env:
                 "port": self.world.smtp_port,
                 "nameservers": self.world.nameservers,
                 "ca_file": str(self.world.ca_file),
-                "dns_timeout": 1,
+                # Generous: nothing here waits for a timeout to fire, and a loaded machine (two
+                # test workers, TLS handshakes) must not turn a slow answer into "no policy".
+                "dns_timeout": 5,
                 "connect_timeout": 5,
                 "command_timeout": 10,
                 "mta_sts_port": policy_port,
-                "mta_sts_timeout": 2,
+                "mta_sts_timeout": 10,
                 **delivery,
             },
         )
