@@ -284,9 +284,10 @@ class Metrics:
             self._adopted.update(text)
 
     def add_queue_collector(
-        self, snapshot: Callable[[], tuple[dict[str, int], float | None]]
+        self, snapshot: Callable[[], tuple[dict[str, int], float | None] | None]
     ) -> None:
-        """Queue depth and age are read at scrape time from a cached snapshot."""
+        """Queue depth and age are read at scrape time from a snapshot; None (the database
+        could not be read) leaves both out of that scrape."""
         self.registry.register(_QueueCollector(snapshot))
 
 
@@ -319,11 +320,16 @@ class _Adopted(Collector):
 
 
 class _QueueCollector(Collector):
-    def __init__(self, snapshot: Callable[[], tuple[dict[str, int], float | None]]) -> None:
+    def __init__(
+        self, snapshot: Callable[[], tuple[dict[str, int], float | None] | None]
+    ) -> None:
         self._snapshot = snapshot
 
     def collect(self) -> list[GaugeMetricFamily]:
-        counts, oldest_age = self._snapshot()
+        snapshot = self._snapshot()
+        if snapshot is None:
+            return []
+        counts, oldest_age = snapshot
         depth = GaugeMetricFamily(
             "mailrelay_queue_recipients", "Recipients in the queue, by state.", labels=["state"]
         )

@@ -8,6 +8,7 @@ import logging
 import os
 import signal
 import socket
+import sqlite3
 import threading
 import time
 from typing import TYPE_CHECKING
@@ -25,7 +26,7 @@ from mailrelay.delivery.runner import QueueRunner
 from mailrelay.instance import InstanceLock
 from mailrelay.metrics import Metrics, MetricsServer
 from mailrelay.store import Store, accounts, claims, connect, queue
-from mailrelay.store.backend import Connection, is_url
+from mailrelay.store.backend import Connection, is_lost, is_url
 from mailrelay.submission.auth import PasswordChecker
 from mailrelay.submission.handler import Accepted, SubmissionHandler
 from mailrelay.submission.server import SubmissionServer
@@ -125,12 +126,26 @@ class Service:
     def _rejected(self, code: str) -> None:
         self.metrics.smtpd_messages_rejected.labels(code=code).inc()
 
-    def _queue_snapshot(self) -> tuple[dict[str, int], float | None]:
+    def _queue_snapshot(self) -> tuple[dict[str, int], float | None] | None:
         with self._snapshot_lock:
-            if self._snapshot_conn is None:
-                return {}, None
-            counts = queue.state_counts(self._snapshot_conn)
-            oldest = queue.oldest_pending(self._snapshot_conn)
+            for attempt in (1, 2):
+                if self._snapshot_conn is None:
+                    return {}, None
+                try:
+                    if is_lost(self._snapshot_conn):
+                        self._snapshot_conn.close()
+                        self._snapshot_conn = connect(self.config.storage.database)
+                    counts = queue.state_counts(self._snapshot_conn)
+                    oldest = queue.oldest_pending(self._snapshot_conn)
+                    break
+                except sqlite3.Error as exc:
+                    # A PostgreSQL connection is found lost by using it: once more on a new one.
+                    if attempt == 1 and is_lost(self._snapshot_conn):
+                        continue
+                    # The scrape still answers, without the queue's gauges: an absent series
+                    # says "unknown" where a zero would say "empty".
+                    log.error("event=queue_snapshot_failed error=%r", str(exc))
+                    return None
         return counts, None if oldest is None else max(0.0, time.time() - oldest)
 
     def reload_tls(self) -> None:

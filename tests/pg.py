@@ -95,7 +95,11 @@ class Cluster:
         if initdb.returncode != 0:
             raise PostgresUnavailable(f"initdb failed: {initdb.stderr.decode(errors='replace')}")
         self.log = self.root / "server.log"
-        with open(self.log, "wb") as log:
+        self.launch()
+
+    def launch(self) -> None:
+        """Start the server on the data directory `start` made; return once it answers."""
+        with open(self.log, "ab") as log:
             self.process = subprocess.Popen(
                 [
                     *self._as,
@@ -144,7 +148,8 @@ class Cluster:
             conn.execute(f'CREATE DATABASE "{name}"')
         return self.url(name)
 
-    def stop(self) -> None:
+    def shut_down(self) -> None:
+        """Stop the server, keeping its data: `launch` starts it again (a server restart)."""
         if self.process is not None and self.process.poll() is None:
             # runuser passes the signal on; SIGINT is PostgreSQL's "fast" shutdown.
             os.killpg(self.process.pid, signal.SIGINT)
@@ -153,4 +158,7 @@ class Cluster:
             except subprocess.TimeoutExpired:
                 os.killpg(self.process.pid, signal.SIGKILL)
                 self.process.wait()
+
+    def stop(self) -> None:
+        self.shut_down()
         shutil.rmtree(self.root, ignore_errors=True)

@@ -56,6 +56,14 @@ def is_url(database: str) -> bool:
     return database.startswith(URL_SCHEMES)
 
 
+def is_lost(conn: Connection) -> bool:
+    """Whether `conn` can no longer be used: a PostgreSQL connection whose server went away (a
+    restart, a failover, a terminated backend). A SQLite connection is a file; it is never lost.
+    """
+    raw = getattr(conn, "raw", None)  # postgres.PgConnection's psycopg connection
+    return raw is not None and bool(raw.broken or raw.closed)
+
+
 def begin(conn: Connection) -> None:
     """Open a write transaction. SQLite takes the write lock at once (IMMEDIATE), so that a
     transaction never fails half-way on a lock; PostgreSQL locks rows as they are written."""

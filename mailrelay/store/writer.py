@@ -6,7 +6,10 @@ is in progress wait together and share the next one (group commit). Each operati
 its own SAVEPOINT, so one that fails is rolled back alone and the others still commit.
 
 On PostgreSQL (a postgresql:// URL for `path`) the writer is one psycopg connection and reads
-take a connection from a small pool; the same operations run on both (store.backend).
+take a connection from a small pool; the same operations run on both (store.backend). A server
+that goes away (a restart, a failover) fails the group in hand, like a full disk, and the
+writer connects again; until it has, each write fails at once, so that an SMTP client hears 451
+and keeps its message rather than wait on a commit that cannot come.
 """
 
 from __future__ import annotations
@@ -17,11 +20,12 @@ import logging
 import queue
 import sqlite3
 import threading
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, TypeVar
 
-from mailrelay.store.backend import Connection, begin, is_url
+from mailrelay.store.backend import Connection, begin, is_lost, is_url
 from mailrelay.store.db import connect
 
 if TYPE_CHECKING:
@@ -32,6 +36,13 @@ log = logging.getLogger(__name__)
 
 # A group is bounded so that one huge burst cannot hold the write lock for long.
 MAX_GROUP = 512
+# After a lost PostgreSQL connection: the first new attempt is at once, then they back off.
+RECONNECT_FIRST = 0.5
+RECONNECT_MAX = 5.0
+# PostgreSQL's deadlock_detected and serialization_failure: two instances' groups touched the
+# same rows in opposite orders (say two users' rate counters). The server aborts one statement;
+# its operation is run once more rather than fail a submission over a race.
+_RACE_LOST = frozenset({"40P01", "40001"})
 
 
 @dataclass
@@ -165,11 +176,47 @@ class Store:
                 group = []
                 if stopping:
                     return
+                if is_lost(conn):
+                    with contextlib.suppress(sqlite3.Error, OSError):
+                        conn.close()
+                    reconnected = self._reconnect()
+                    if reconnected is None:
+                        return  # stopped while the database was away
+                    conn = reconnected
         except BaseException as exc:  # a writer that dies must say so, whatever killed it
             self._broken(exc, group)
         finally:
             with contextlib.suppress(sqlite3.Error):
                 conn.close()
+
+    def _reconnect(self) -> Connection | None:
+        """Connect again after the PostgreSQL connection was lost; None if the store is stopped
+        meanwhile. Writes that arrive before the connection is back fail at once (a 451 for a
+        submission, a retry later for a delivery's record): nothing waits on a commit that
+        cannot come, and nothing is claimed to be stored that is not."""
+        started = time.monotonic()
+        delay = RECONNECT_FIRST
+        while True:
+            try:
+                conn = connect(self.path, busy_timeout=self.busy_timeout)
+            except (sqlite3.Error, OSError) as exc:
+                log.error("event=store_reconnect_failed retry_in=%.1f error=%r", delay, str(exc))
+            else:
+                log.warning("event=store_reconnected after=%.1fs", time.monotonic() - started)
+                return conn
+            until = time.monotonic() + delay
+            while (left := until - time.monotonic()) > 0:
+                try:
+                    job = self._jobs.get(timeout=left)
+                except queue.Empty:
+                    break
+                if job is None:
+                    return None
+                unavailable = sqlite3.OperationalError(
+                    "the database connection was lost; connecting again"
+                )
+                job.loop.call_soon_threadsafe(_settle, job.future, None, unavailable)
+            delay = min(delay * 2, RECONNECT_MAX)
 
     def _broken(self, exc: BaseException, group: list[_Operation]) -> None:
         """The writer cannot go on (say ROLLBACK itself failed). Fail the group in hand and
@@ -190,31 +237,47 @@ class Store:
         try:
             begin(conn)
             for job in group:
-                conn.execute("SAVEPOINT op")
-                try:
-                    result = job.op(conn)
-                except Exception as exc:  # one failed operation must not sink the group
-                    if isinstance(exc, sqlite3.Error) and not conn.in_transaction:
-                        # SQLite rolled the whole transaction back itself (disk full, I/O
-                        # error): the group fails, with this as the cause in the log.
-                        raise
-                    conn.execute("ROLLBACK TO op")
-                    conn.execute("RELEASE op")
-                    outcomes.append((job, None, exc))
-                else:
-                    conn.execute("RELEASE op")
-                    outcomes.append((job, result, None))
+                result, error = self._in_savepoint(conn, job)
+                outcomes.append((job, result, error))
             conn.execute("COMMIT")
             self.commits += 1
         except sqlite3.Error as exc:
-            # Disk full, I/O error, lock timeout: nothing of this group is on disk, so every
-            # caller hears so and none of them may claim the data is safe.
-            log.error("store commit failed: %s", exc)
-            if conn.in_transaction:
-                conn.execute("ROLLBACK")
+            # Disk full, I/O error, lock timeout, a lost connection: nothing of this group is
+            # known to be stored, so every caller hears so and none of them may claim the data
+            # is safe. (A connection lost during COMMIT may have committed it: a client told
+            # 451 then sends its message again, twice rather than never.)
+            if is_lost(conn):
+                log.error("event=store_connection_lost error=%r", str(exc))
+            else:
+                log.error("store commit failed: %s", exc)
+                if conn.in_transaction:
+                    conn.execute("ROLLBACK")
             outcomes = [(job, None, exc) for job in group]
         for job, result, error in outcomes:
             job.loop.call_soon_threadsafe(_settle, job.future, result, error)
+
+    @staticmethod
+    def _in_savepoint(conn: Connection, job: _Operation) -> tuple[Any, BaseException | None]:
+        """Run one operation in its own SAVEPOINT: one that fails is rolled back alone and the
+        group goes on. Raises what the whole transaction cannot survive."""
+        for attempt in (1, 2):
+            conn.execute("SAVEPOINT op")
+            try:
+                result = job.op(conn)
+            except Exception as exc:
+                if isinstance(exc, sqlite3.Error) and (not conn.in_transaction or is_lost(conn)):
+                    # SQLite rolled the whole transaction back itself (disk full, I/O error),
+                    # or the server is gone: the group fails, with this as the cause.
+                    raise
+                conn.execute("ROLLBACK TO op")
+                conn.execute("RELEASE op")
+                if attempt == 1 and getattr(exc, "sqlstate", None) in _RACE_LOST:
+                    continue
+                return None, exc
+            else:
+                conn.execute("RELEASE op")
+                return result, None
+        raise AssertionError("unreachable: the second attempt returns")
 
 
 def _settle(future: asyncio.Future[Any], result: Any, error: BaseException | None) -> None:
