@@ -310,6 +310,13 @@ MIGRATIONS: tuple[str, ...] = (
     ALTER TABLE recipients ADD COLUMN lease_until REAL;
     CREATE INDEX recipients_leases ON recipients(lease_until) WHERE state = 'active';
     """,
+    # 14: the delivery log in commit order with several writers (store/events.py). On SQLite one
+    # writer at a time hands out ids in commit order and txid stays 0; PostgreSQL stamps each
+    # event with its transaction's id (postgres.PG_ONLY), so that a page only shows events
+    # whose transactions, and every earlier one, have ended.
+    """
+    ALTER TABLE events ADD COLUMN txid INTEGER NOT NULL DEFAULT 0;
+    """,
 )
 
 

@@ -16,7 +16,7 @@ from datetime import datetime
 from typing import Any, get_args
 
 from mailrelay.store import queue
-from mailrelay.store.backend import Connection
+from mailrelay.store.backend import Connection, dialect
 from mailrelay.store.queue import EventName
 
 EVENTS: tuple[str, ...] = get_args(EventName)
@@ -74,9 +74,13 @@ def query(
 ) -> Page:
     """Events newest first, `limit` at a time.
 
-    The cursor is the id of the last event returned, kept opaque to callers: ids only grow (one
-    writer assigns them in commit order), so "older than the cursor" gives each event once
-    however many arrive while someone pages.
+    The cursor names the last event returned, opaque to callers. Each page gives each event
+    once, and never one that commits later below the cursor, however many arrive while someone
+    pages: on SQLite, one writer at a time assigns ids in commit order, so the cursor is an id;
+    on PostgreSQL several instances write at once and an id can commit after a larger one, so
+    events are ordered by (transaction id, id) and a page shows only those whose transaction,
+    and every earlier one, has ended (below the snapshot's xmin): whatever commits later has a
+    larger transaction id than anything already shown.
 
     `sender_domains` keeps the events of messages those domains sent (an API key's view): the
     refusals of a transaction that queued nothing, and a deleted message's events, are left out.
@@ -85,9 +89,17 @@ def query(
         raise ValueError(f"limit must be at least 1, not {limit}")
     where: list[str] = []
     params: list[object] = []
+    shared = dialect(conn) == "postgresql"
+    if shared:
+        where.append("txid < pg_snapshot_xmin(pg_current_snapshot())::text::bigint")
     if cursor is not None:
-        where.append("id < ?")
-        params.append(_cursor_id(cursor))
+        txid, event_id = _parse_cursor(cursor, shared)
+        if shared:
+            where.append("(txid, id) < (?, ?)")
+            params.extend((txid, event_id))
+        else:
+            where.append("id < ?")
+            params.append(event_id)
     if domain is not None:
         where.append("domain = ?")
         params.append(domain.lower().rstrip("."))
@@ -103,13 +115,14 @@ def query(
             f"message_id IN (SELECT id FROM messages WHERE sender_domain IN ({marks}))"  # noqa: S608 -- placeholders only
         )
         params.extend(sender_domains)
-    sql = f"SELECT {_COLUMNS} FROM events"  # noqa: S608 -- only fixed clauses are joined in
+    sql = f"SELECT {_COLUMNS}, txid FROM events"  # noqa: S608 -- only fixed clauses are joined in
     if where:
         sql += " WHERE " + " AND ".join(where)
-    rows = conn.execute(sql + " ORDER BY id DESC LIMIT ?", (*params, limit + 1)).fetchall()
+    order = " ORDER BY txid DESC, id DESC" if shared else " ORDER BY id DESC"
+    rows = conn.execute(sql + order + " LIMIT ?", (*params, limit + 1)).fetchall()
     more = len(rows) > limit
     rows = rows[:limit]
-    return Page([_event(r) for r in rows], str(rows[-1]["id"]) if more else None)
+    return Page([_event(r) for r in rows], _cursor(rows[-1]) if more else None)
 
 
 def _event(row: sqlite3.Row) -> dict[str, Any]:
@@ -128,10 +141,20 @@ def _event(row: sqlite3.Row) -> dict[str, Any]:
     }
 
 
-def _cursor_id(cursor: str) -> int:
-    if not cursor.isdigit():
+def _cursor(row: sqlite3.Row) -> str:
+    # An id alone where the transaction id is 0: SQLite, and events moved from SQLite by
+    # `storage migrate`, whose cursors then go on working on PostgreSQL.
+    return str(row["id"]) if row["txid"] == 0 else f"{row['txid']}-{row['id']}"
+
+
+def _parse_cursor(cursor: str, shared: bool) -> tuple[int, int]:
+    """(transaction id, event id) from a cursor `query` made."""
+    txid, dash, event_id = cursor.partition("-")
+    if not dash:
+        txid, event_id = "0", txid
+    if not (txid.isdigit() and event_id.isdigit()) or (dash and not shared):
         raise ValueError(f"not a cursor from this command: {cursor!r}")
-    return int(cursor)
+    return int(txid), int(event_id)
 
 
 def parse_status(text: str) -> str:

@@ -254,6 +254,17 @@ def translate_ddl(statement: str) -> str:
     return statement
 
 
+# What PostgreSQL adds to a migration, by its number: what SQLite has no words for.
+PG_ONLY: dict[int, tuple[str, ...]] = {
+    14: (
+        # xid8 as a number: 64 bits with the epoch, never wrapping.
+        "ALTER TABLE events ALTER COLUMN txid SET DEFAULT (pg_current_xact_id()::text::bigint)",
+        "CREATE INDEX events_commit_order ON events (txid, id)",
+        "CREATE INDEX events_domain_commit_order ON events (domain, txid, id)",
+    ),
+}
+
+
 def schema_version(conn: Connection) -> int:
     """How far `conn`'s database is migrated (PRAGMA user_version on SQLite); 0 if not at all."""
     if conn.execute("SELECT to_regclass('schema_version')").fetchone()[0] is None:
@@ -279,6 +290,8 @@ def migrate(conn: Connection) -> None:
         for number, script in enumerate(MIGRATIONS[version:], start=version + 1):
             for statement in statements(script):
                 conn.execute(translate_ddl(statement))
+            for statement in PG_ONLY.get(number, ()):
+                conn.execute(statement)
             conn.execute("UPDATE schema_version SET version = ?", (number,))
         conn.execute("COMMIT")
     except BaseException:
