@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import math
 import re
+import smtplib
 import time
 from pathlib import Path
 from typing import Any
@@ -269,3 +270,44 @@ async def test_zero_means_no_limit(
     for reply in await run(converse):
         queued_id(reply)
     assert relay.db().execute("SELECT count(*) FROM user_usage").fetchone()[0] == 0
+
+
+async def test_two_instances_on_one_database_count_together(
+    tmp_path: Path, relay_factory: RelayFactory, pg_url: str
+) -> None:
+    """Two relays on one PostgreSQL (issue 16): a session on each passes MAIL and RCPT, then
+    both send DATA at once. Their writers' transactions race for the user's counters; the row
+    lock that the count takes makes the second one see the first, so exactly one is queued."""
+    limits = {**NO_LIMITS, "messages_per_minute": 1}
+    storage = {"url": pg_url}
+    a = make_config(tmp_path / "a", storage=storage, limits=limits, instance={"id": "relay-a"})
+    b = make_config(tmp_path / "b", storage=storage, limits=limits, instance={"id": "relay-b"})
+    add_user(a, "alice@example.org")
+    relays = [await relay_factory(a), await relay_factory(b)]
+    await in_one_window(60)
+
+    def open_transaction(relay: Relay, rcpt: str) -> smtplib.SMTP:
+        client = relay.session()
+        assert client.mail("alice@example.org") == SENDER_OK
+        assert client.rcpt(rcpt) == RECIPIENT_OK
+        assert client.docmd("DATA")[0] == 354
+        return client
+
+    def finish(client: smtplib.SMTP) -> Reply:
+        try:
+            client.send(MESSAGE + b".\r\n")
+            return client.getreply()
+        finally:
+            client.close()
+
+    clients = [
+        await run(open_transaction, relay, rcpt)
+        for relay, rcpt in zip(relays, ("carol@example.net", "dave@example.net"), strict=True)
+    ]
+    replies = await asyncio.gather(*(run(finish, client) for client in clients))
+    assert sorted(code for code, _ in replies) == [250, 451]
+    refused = next(text for code, text in replies if code == 451)
+    assert refused.startswith(b"4.7.1 alice@example.org: more than 1 message a minute; try again")
+    assert len(queue.list_queue(relays[0].db())) == 1
+    refusals = [limit_refusals(relay, "messages_per_minute") for relay in relays]
+    assert sorted(refusals) == [0, 1]

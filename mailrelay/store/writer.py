@@ -40,8 +40,8 @@ MAX_GROUP = 512
 RECONNECT_FIRST = 0.5
 RECONNECT_MAX = 5.0
 # PostgreSQL's deadlock_detected and serialization_failure: two instances' groups touched the
-# same rows in opposite orders (say two users' rate counters). The server aborts one statement;
-# its operation is run once more rather than fail a submission over a race.
+# same rows in opposite orders. The server fails one statement; its group is run once more
+# rather than fail a submission over a race.
 _RACE_LOST = frozenset({"40P01", "40001"})
 
 
@@ -234,33 +234,41 @@ class Store:
 
     def _commit(self, conn: Connection, group: list[_Operation]) -> None:
         outcomes: list[tuple[_Operation, Any, BaseException | None]] = []
-        try:
-            begin(conn)
-            for job in group:
-                result, error = self._in_savepoint(conn, job)
-                outcomes.append((job, result, error))
-            conn.execute("COMMIT")
-            self.commits += 1
-        except sqlite3.Error as exc:
-            # Disk full, I/O error, lock timeout, a lost connection: nothing of this group is
-            # known to be stored, so every caller hears so and none of them may claim the data
-            # is safe. (A connection lost during COMMIT may have committed it: a client told
-            # 451 then sends its message again, twice rather than never.)
-            if is_lost(conn):
-                log.error("event=store_connection_lost error=%r", str(exc))
-            else:
-                log.error("store commit failed: %s", exc)
-                if conn.in_transaction:
-                    conn.execute("ROLLBACK")
-            outcomes = [(job, None, exc) for job in group]
+        for attempt in (1, 2):
+            try:
+                outcomes = self._transaction(conn, group, may_retry=attempt == 1)
+            except _LostRace as lost:
+                # Another instance's transaction and ours each waited on a row the other held
+                # (two users' rate counters taken in opposite orders, say) and PostgreSQL broke
+                # the tie by failing ours. Retrying the one operation would wait again on what
+                # the group's earlier operations hold: the whole group goes again, once.
+                log.warning("event=store_group_retried reason=%r", str(lost.__cause__))
+                conn.execute("ROLLBACK")
+                continue
+            except sqlite3.Error as exc:
+                # Disk full, I/O error, lock timeout, a lost connection: nothing of this group
+                # is known to be stored, so every caller hears so and none of them may claim
+                # the data is safe. (A connection lost during COMMIT may have committed it: a
+                # client told 451 then sends its message again, twice rather than never.)
+                if is_lost(conn):
+                    log.error("event=store_connection_lost error=%r", str(exc))
+                else:
+                    log.error("store commit failed: %s", exc)
+                    if conn.in_transaction:
+                        conn.execute("ROLLBACK")
+                outcomes = [(job, None, exc) for job in group]
+            break
         for job, result, error in outcomes:
             job.loop.call_soon_threadsafe(_settle, job.future, result, error)
 
-    @staticmethod
-    def _in_savepoint(conn: Connection, job: _Operation) -> tuple[Any, BaseException | None]:
-        """Run one operation in its own SAVEPOINT: one that fails is rolled back alone and the
-        group goes on. Raises what the whole transaction cannot survive."""
-        for attempt in (1, 2):
+    def _transaction(
+        self, conn: Connection, group: list[_Operation], *, may_retry: bool
+    ) -> list[tuple[_Operation, Any, BaseException | None]]:
+        """Run the group in one transaction, each operation in its own SAVEPOINT (one that
+        fails is rolled back alone and the others still commit), and COMMIT."""
+        outcomes: list[tuple[_Operation, Any, BaseException | None]] = []
+        begin(conn)
+        for job in group:
             conn.execute("SAVEPOINT op")
             try:
                 result = job.op(conn)
@@ -269,15 +277,21 @@ class Store:
                     # SQLite rolled the whole transaction back itself (disk full, I/O error),
                     # or the server is gone: the group fails, with this as the cause.
                     raise
+                if may_retry and getattr(exc, "sqlstate", None) in _RACE_LOST:
+                    raise _LostRace from exc
                 conn.execute("ROLLBACK TO op")
                 conn.execute("RELEASE op")
-                if attempt == 1 and getattr(exc, "sqlstate", None) in _RACE_LOST:
-                    continue
-                return None, exc
+                outcomes.append((job, None, exc))
             else:
                 conn.execute("RELEASE op")
-                return result, None
-        raise AssertionError("unreachable: the second attempt returns")
+                outcomes.append((job, result, None))
+        conn.execute("COMMIT")
+        self.commits += 1
+        return outcomes
+
+
+class _LostRace(Exception):
+    """An operation lost a deadlock (or a serialization race) to another instance."""
 
 
 def _settle(future: asyncio.Future[Any], result: Any, error: BaseException | None) -> None:
