@@ -180,10 +180,19 @@ _CONFIG_REFUSALS = re.compile(
     r"FATAL:\s+(?P<why>(?:database|role) \S+ does not exist|password authentication failed"
     r".*|no pg_hba\.conf entry.*|.*authentication failed.*)"
 )
+# libpq's own words where the TLS that the URL's sslmode asks for cannot be had: no SSL on the
+# server, a CA file missing or unreadable, a certificate that does not verify or names another
+# host. Each stays so until someone changes a file: the configuration's to fix, not a wait.
+_TLS_REFUSALS = re.compile(
+    r"(?P<why>server does not support SSL, but SSL was required|root certificate file .*"
+    r" does not exist|could not read root certificate file.*|SSL error: certificate verify"
+    r" failed|server certificate for .* does not match host name .*|invalid sslmode value.*)"
+)
 
 
 def database(cfg: Config) -> list[str]:
-    """With storage.url: that the database takes our credentials (without changing it)."""
+    """With storage.url: that the database takes our credentials, over the TLS the URL asks
+    for (without changing it)."""
     if not cfg.storage.url:
         return []
     from mailrelay.config import redact_url
@@ -192,7 +201,7 @@ def database(cfg: Config) -> list[str]:
     try:
         postgres.connect_unmigrated(cfg.storage.url).close()
     except sqlite3.Error as exc:
-        refused = _CONFIG_REFUSALS.search(str(exc))
+        refused = _CONFIG_REFUSALS.search(str(exc)) or _TLS_REFUSALS.search(str(exc))
         if refused is not None:
             return [f"storage.url: {redact_url(cfg.storage.url)}: {refused['why'].strip()}"]
     return []

@@ -18,6 +18,7 @@ import signal
 import subprocess
 import tempfile
 import time
+from collections.abc import Mapping
 from pathlib import Path
 
 import psycopg
@@ -52,10 +53,20 @@ def bin_dir() -> Path:
 class Cluster:
     """One running PostgreSQL server on a Unix socket in a temporary directory."""
 
-    def __init__(self, *, durable: bool = False) -> None:
+    def __init__(
+        self,
+        *,
+        durable: bool = False,
+        tcp_port: int | None = None,
+        settings: Mapping[str, str] | None = None,
+    ) -> None:
         # durable: fsync on, as a real server (the benchmark); the tests' clusters are
         # throwaways and skip it.
         self.durable = durable
+        # tcp_port: also listen on 127.0.0.1 (initdb's trust lines cover it): for TLS, which
+        # libpq never speaks over a Unix socket. settings: more `-c name=value`.
+        self.tcp_port = tcp_port
+        self.settings = dict(settings or {})
         self.bin = bin_dir()
         self.root = Path(tempfile.mkdtemp(prefix="mailrelay-pg-"))
         self.data = self.root / "data"
@@ -109,7 +120,13 @@ class Cluster:
                     "-k",
                     str(self.socket_dir),
                     "-c",
-                    "listen_addresses=",
+                    "listen_addresses=127.0.0.1" if self.tcp_port else "listen_addresses=",
+                    *(["-p", str(self.tcp_port)] if self.tcp_port else []),
+                    *(
+                        arg
+                        for name, value in self.settings.items()
+                        for arg in ("-c", f"{name}={value}")
+                    ),
                     # A throwaway test cluster: no fsync to the disk. Commits still wait for
                     # the WAL write (synchronous_commit, which the store sets on).
                     "-c",
@@ -139,7 +156,14 @@ class Cluster:
                 time.sleep(0.1)
 
     def url(self, database: str) -> str:
-        return f"postgresql:///{database}?host={self.socket_dir}&user=postgres"
+        port = f"&port={self.tcp_port}" if self.tcp_port else ""
+        return f"postgresql:///{database}?host={self.socket_dir}{port}&user=postgres"
+
+    def give(self, path: Path) -> None:
+        """Make `path` the server's own (a key file it must read, mode 0600)."""
+        if self._as:
+            owner = pwd.getpwnam(USER)
+            os.chown(path, owner.pw_uid, owner.pw_gid)
 
     def new_database(self) -> str:
         """A fresh, empty database; its URL."""
