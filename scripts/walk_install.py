@@ -730,8 +730,13 @@ def main() -> int:
             print(f"walk: kept {walk.prefix} and user {walk.user}", flush=True)
         else:
             walk.clean_up()
+    return summary(walk.steps, failed)
+
+
+def summary(steps: list[tuple[str, str]], failed: BaseException | None) -> int:
+    """Print every step's outcome and the verdict; the exit status."""
     print("\nwalk summary:")
-    for what, outcome in walk.steps:
+    for what, outcome in steps:
         print(f"  {what}: {outcome}" if outcome != "ok" else f"  {what}")
     if failed is not None:
         print(f"walk: FAILED: {failed}", file=sys.stderr)

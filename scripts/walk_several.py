@@ -55,7 +55,6 @@ import argparse
 import asyncio
 import contextlib
 import dataclasses
-import datetime
 import ipaddress
 import os
 import pwd
@@ -77,17 +76,13 @@ from collections.abc import Coroutine
 from pathlib import Path
 from typing import Any, TypeVar
 
-from cryptography import x509
-from cryptography.hazmat.primitives import hashes, serialization
-from cryptography.hazmat.primitives.asymmetric import ec
-from cryptography.x509.oid import NameOID
-
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from scripts import walk_install  # noqa: E402
 from scripts.walk_install import WalkFailed, set_key  # noqa: E402
 from tests.world import MODERN, MxServer, World  # noqa: E402
+from tests.world.certs import TestCA  # noqa: E402
 
 USER = "mailrelay-several"
 CLUSTER = "mailrelaywalk"
@@ -698,62 +693,9 @@ def free_port() -> int:
 
 def make_ca_and_cert(name: str, ip: str | None = None) -> tuple[bytes, bytes, bytes]:
     """A CA of the walk's, and a certificate it issues for `name`: CA PEM, cert PEM, key PEM."""
-    now = datetime.datetime.now(datetime.UTC)
-    ca_key = ec.generate_private_key(ec.SECP256R1())
-    ca_name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "walk_several CA")])
-    ca = (
-        x509.CertificateBuilder()
-        .subject_name(ca_name)
-        .issuer_name(ca_name)
-        .public_key(ca_key.public_key())
-        .serial_number(x509.random_serial_number())
-        .not_valid_before(now - datetime.timedelta(minutes=5))
-        .not_valid_after(now + datetime.timedelta(days=2))
-        .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
-        .add_extension(
-            x509.KeyUsage(
-                digital_signature=False,
-                content_commitment=False,
-                key_encipherment=False,
-                data_encipherment=False,
-                key_agreement=False,
-                key_cert_sign=True,
-                crl_sign=True,
-                encipher_only=False,
-                decipher_only=False,
-            ),
-            critical=True,
-        )
-        .add_extension(
-            x509.SubjectKeyIdentifier.from_public_key(ca_key.public_key()), critical=False
-        )
-        .sign(ca_key, hashes.SHA256())
-    )
-    key = ec.generate_private_key(ec.SECP256R1())
-    names: list[x509.GeneralName] = [x509.DNSName(name)]
-    if ip is not None:
-        names.append(x509.IPAddress(ipaddress.ip_address(ip)))
-    cert = (
-        x509.CertificateBuilder()
-        .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, name)]))
-        .issuer_name(ca_name)
-        .public_key(key.public_key())
-        .serial_number(x509.random_serial_number())
-        .not_valid_before(now - datetime.timedelta(minutes=5))
-        .not_valid_after(now + datetime.timedelta(days=2))
-        .add_extension(x509.SubjectAlternativeName(names), critical=False)
-        .add_extension(
-            x509.AuthorityKeyIdentifier.from_issuer_public_key(ca_key.public_key()),
-            critical=False,
-        )
-        .sign(ca_key, hashes.SHA256())
-    )
-    pem = serialization.Encoding.PEM
-    return (
-        ca.public_bytes(pem),
-        cert.public_bytes(pem),
-        key.private_bytes(pem, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()),
-    )
+    ca = TestCA("walk_several CA")
+    issued = ca.issue([name] if ip is None else [name, ip], chain="leaf")
+    return ca.cert_pem, issued.cert_pem, issued.key_pem
 
 
 def main() -> int:
@@ -784,14 +726,7 @@ def main() -> int:
         failed = exc
     finally:
         walk.clean_up(args.keep)
-    print("\nwalk summary:")
-    for what, outcome in walk.steps:
-        print(f"  {what}: {outcome}" if outcome != "ok" else f"  {what}")
-    if failed is not None:
-        print(f"walk: FAILED: {failed}", file=sys.stderr)
-        return 1
-    print("walk: every step worked")
-    return 0
+    return walk_install.summary(walk.steps, failed)
 
 
 if __name__ == "__main__":

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import random
 import smtplib
@@ -225,16 +226,29 @@ async def relay(tmp_path: Path, relay_factory: RelayFactory) -> Relay:
 # ---- PostgreSQL (issue 16) ---------------------------------------------------------------------
 
 
-@pytest.fixture(scope="session")
-def postgres_cluster() -> Iterator[Cluster]:
-    """One PostgreSQL server per test session (per xdist worker), started on first use."""
+@contextlib.contextmanager
+def running_cluster(
+    prepare: Callable[[Cluster], None] = lambda cluster: None, **options: Any
+) -> Iterator[Cluster]:
+    """A PostgreSQL server (tests.pg.Cluster with `options`), `prepare`d before it starts, and
+    stopped and removed afterwards. One that cannot start fails the test: never a skip."""
     try:
-        cluster = Cluster()
+        cluster = Cluster(**options)
+        prepare(cluster)
         cluster.start()
     except PostgresUnavailable as exc:
         pytest.fail(f"PostgreSQL: {exc}", pytrace=False)
-    yield cluster
-    cluster.stop()
+    try:
+        yield cluster
+    finally:
+        cluster.stop()
+
+
+@pytest.fixture(scope="session")
+def postgres_cluster() -> Iterator[Cluster]:
+    """One PostgreSQL server per test session (per xdist worker), started on first use."""
+    with running_cluster() as cluster:
+        yield cluster
 
 
 @pytest.fixture

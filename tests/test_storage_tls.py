@@ -13,8 +13,8 @@ import pytest
 
 from mailrelay.store import Store
 from mailrelay.store.backend import Connection
-from tests.conftest import free_port
-from tests.pg import Cluster, PostgresUnavailable
+from tests.conftest import free_port, running_cluster
+from tests.pg import Cluster
 from tests.test_cli import cli, config_error, ok
 from tests.test_dkim_shared import pg_config
 from tests.world.certs import TestCA
@@ -29,19 +29,16 @@ def ca() -> TestCA:
 
 @pytest.fixture(scope="module")
 def tls_cluster(ca: TestCA) -> Iterator[Cluster]:
-    try:
-        cluster = Cluster(tcp_port=free_port("127.0.0.1"))
+    def certificate(cluster: Cluster) -> None:
         # In the cluster's own directory: the server runs as another user when we are root.
         files = cluster.root / "tls"
         cert, key = ca.issue([DB_NAME]).write(files, "server")
         for path in (files, cert, key):
             cluster.give(path)
         cluster.settings.update(ssl="on", ssl_cert_file=str(cert), ssl_key_file=str(key))
-        cluster.start()
-    except PostgresUnavailable as exc:
-        pytest.fail(f"PostgreSQL: {exc}", pytrace=False)
-    yield cluster
-    cluster.stop()
+
+    with running_cluster(certificate, tcp_port=free_port("127.0.0.1")) as cluster:
+        yield cluster
 
 
 def _url(cluster: Cluster, host: str = DB_NAME, **params: str) -> str:
@@ -94,15 +91,8 @@ def test_check_config_names_tls_that_cannot_work(
 
 
 def test_check_config_names_a_server_without_tls(tmp_path: Path) -> None:
-    try:
-        cluster = Cluster(tcp_port=free_port("127.0.0.1"), settings={"ssl": "off"})
-        cluster.start()
-    except PostgresUnavailable as exc:
-        pytest.fail(f"PostgreSQL: {exc}", pytrace=False)
-    try:
+    with running_cluster(tcp_port=free_port("127.0.0.1"), settings={"ssl": "off"}) as cluster:
         url = _url(cluster, sslmode="require")
         assert config_error(cli(pg_config(tmp_path, url, None), "check-config")) == (
             f"storage.url: {url}: server does not support SSL, but SSL was required"
         )
-    finally:
-        cluster.stop()

@@ -17,8 +17,8 @@ import pytest
 from mailrelay.store import Store, connect
 from mailrelay.store.backend import Connection
 from mailrelay.submission import replies
-from tests.conftest import Relay, RelayFactory, add_user, make_config
-from tests.pg import Cluster, PostgresUnavailable
+from tests.conftest import Relay, RelayFactory, add_user, make_config, running_cluster
+from tests.pg import Cluster
 from tests.test_delivery import delivery_config, settled
 from tests.test_observability import key, scrape
 from tests.test_submission import MESSAGE, queued_id, send_raw
@@ -81,13 +81,8 @@ async def test_a_cut_connection_fails_the_write_in_hand_and_the_next_one_commits
 @pytest.fixture
 def own_cluster() -> Iterator[Cluster]:
     """A server of this test's own, to stop and start again without disturbing other tests."""
-    try:
-        cluster = Cluster()
-        cluster.start()
-    except PostgresUnavailable as exc:
-        pytest.fail(f"PostgreSQL: {exc}", pytrace=False)
-    yield cluster
-    cluster.stop()
+    with running_cluster() as cluster:
+        yield cluster
 
 
 async def test_writes_fail_at_once_while_the_server_is_down_and_commit_once_it_is_back(
