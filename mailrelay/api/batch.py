@@ -9,7 +9,6 @@ import email.utils
 import hashlib
 import json
 import sqlite3
-import time
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -17,7 +16,6 @@ from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse
 
 from mailrelay.api import mime, quota, sending
-from mailrelay.api.auth import api_key
 from mailrelay.api.context import ApiContext
 from mailrelay.api.errors import ApiError
 from mailrelay.api.messages import RATE_HEADERS_DOC
@@ -107,25 +105,13 @@ async def send_batch(request: Request) -> JSONResponse:
     """Each message as POST /v1/messages would take it; one result each, in order: the 202
     answer with `"status": 202`, or `{"status": 422, "error": {...}}`."""
     ctx: ApiContext = request.app.state.ctx
-    key = await api_key(request, "send")
-    content_type = request.headers.get("content-type", "").split(";")[0].strip().lower()
-    body = await request.body()
-    now = time.time()
-    idempotency_key = request.headers.get("idempotency-key")
-    usable_key = idempotency_key is not None and sending.valid_idempotency_key(idempotency_key)
-
-    def facts(c: Connection) -> tuple[apikeys.KeptAnswer | None, usage.Usage]:
-        kept = None
-        if idempotency_key is not None and usable_key:
-            kept = apikeys.kept_answer(c, key.id, idempotency_key)
-        return kept, quota.current(c, key.id, now)
-
-    kept, used = await ctx.store.read(facts)
+    got = await sending.incoming(request)
+    key, content_type, body, now = got.key, got.content_type, got.body, got.now
+    idempotency_key, kept, used = got.idempotency_key, got.kept, got.used
     limits = ctx.config.limits
     rate = quota.headers(limits, used, now)
     try:
-        if idempotency_key is not None and not usable_key:
-            raise ApiError(422, "invalid", "1 to 255 printable characters", "Idempotency-Key")
+        got.check_idempotency_key()
         # Another path than POST /v1/messages: the same key and body there is another request.
         request_hash = hashlib.sha256(b"batch\0" + content_type.encode() + b"\0" + body).hexdigest()
         if kept is not None:

@@ -14,7 +14,6 @@ import email.utils
 import hashlib
 import json
 import sqlite3
-import time
 from typing import Any
 
 from fastapi import APIRouter, Request
@@ -29,11 +28,11 @@ from mailrelay.api.sending import (
     Queued,
     commit_draft,
     draft,
+    incoming,
     queued,
     record_refusal,
     replay,
     send_request,
-    valid_idempotency_key,
 )
 from mailrelay.store import apikeys, queue, usage
 from mailrelay.store.backend import Connection
@@ -90,26 +89,14 @@ _SEND_DOC: dict[str, Any] = {
 )
 async def send(request: Request) -> JSONResponse:
     ctx: ApiContext = request.app.state.ctx
-    key = await api_key(request, "send")
-    content_type = request.headers.get("content-type", "").split(";")[0].strip().lower()
-    body = await request.body()
-    now = time.time()
-    idempotency_key = request.headers.get("idempotency-key")
-    usable_key = idempotency_key is not None and valid_idempotency_key(idempotency_key)
-
-    def facts(c: Connection) -> tuple[apikeys.KeptAnswer | None, usage.Usage]:
-        kept = None
-        if idempotency_key is not None and usable_key:
-            kept = apikeys.kept_answer(c, key.id, idempotency_key)
-        return kept, quota.current(c, key.id, now)
-
-    kept, used = await ctx.store.read(facts)
+    got = await incoming(request)
+    key, content_type, body, now = got.key, got.content_type, got.body, got.now
+    idempotency_key, kept, used = got.idempotency_key, got.kept, got.used
     limits = ctx.config.limits
     rate = quota.headers(limits, used, now)
     queue_id = queue.new_message_id()
     try:
-        if idempotency_key is not None and not usable_key:
-            raise ApiError(422, "invalid", "1 to 255 printable characters", "Idempotency-Key")
+        got.check_idempotency_key()
         request_hash = hashlib.sha256(content_type.encode() + b"\0" + body).hexdigest()
         if kept is not None:
             return replay(kept, request_hash, rate)

@@ -11,14 +11,17 @@ import asyncio
 import json
 import logging
 import sqlite3
+import time
 from dataclasses import dataclass
 from typing import Literal
 
 import authres
+from fastapi import Request
 from fastapi.responses import JSONResponse
 from pydantic import BaseModel, Field, ValidationError
 
 from mailrelay.api import mime, quota
+from mailrelay.api.auth import api_key
 from mailrelay.api.context import ApiContext
 from mailrelay.api.errors import ApiError, field_path
 from mailrelay.metrics import API_REFUSALS
@@ -82,6 +85,44 @@ class Draft:
 
 def valid_idempotency_key(value: str) -> bool:
     return 0 < len(value) <= IDEMPOTENCY_KEY_MAX and value.isprintable()
+
+
+@dataclass(frozen=True)
+class Incoming:
+    """What both send endpoints start from, read before anything is decided."""
+
+    key: apikeys.ApiKey
+    content_type: str  # lower case, without parameters
+    body: bytes
+    now: float
+    idempotency_key: str | None
+    kept: apikeys.KeptAnswer | None  # the answer kept for a valid Idempotency-Key
+    used: usage.Usage  # the key's counts in its [limits] windows
+
+    def check_idempotency_key(self) -> None:
+        """Refused inside the caller's handling, so that the 422 carries the rate headers."""
+        if self.idempotency_key is not None and not valid_idempotency_key(self.idempotency_key):
+            raise ApiError(422, "invalid", "1 to 255 printable characters", "Idempotency-Key")
+
+
+async def incoming(request: Request) -> Incoming:
+    """The caller's key (scope `send`), the body, and from the store the answer kept for its
+    Idempotency-Key and the key's usage."""
+    ctx: ApiContext = request.app.state.ctx
+    key = await api_key(request, "send")
+    content_type = request.headers.get("content-type", "").split(";")[0].strip().lower()
+    body = await request.body()
+    now = time.time()
+    idempotency_key = request.headers.get("idempotency-key")
+
+    def facts(c: Connection) -> tuple[apikeys.KeptAnswer | None, usage.Usage]:
+        kept = None
+        if idempotency_key is not None and valid_idempotency_key(idempotency_key):
+            kept = apikeys.kept_answer(c, key.id, idempotency_key)
+        return kept, quota.current(c, key.id, now)
+
+    kept, used = await ctx.store.read(facts)
+    return Incoming(key, content_type, body, now, idempotency_key, kept, used)
 
 
 async def draft(

@@ -12,7 +12,6 @@ same report at the same time.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import time
 from collections.abc import Callable
@@ -23,6 +22,7 @@ import dns.asyncresolver
 from mailrelay.config import Config
 from mailrelay.delivery import retry
 from mailrelay.metrics import Metrics
+from mailrelay.periodic import Periodic
 from mailrelay.resolver import make_resolver
 from mailrelay.store import Store, queue, tlsrpt
 from mailrelay.store.backend import Connection
@@ -54,7 +54,9 @@ class Pass:
     retrying: int = 0  # POSTs that failed and will be tried again
 
 
-class Reporter:
+class Reporter(Periodic):
+    retry_after = TICK
+
     def __init__(
         self,
         config: Config,
@@ -65,6 +67,7 @@ class Reporter:
         clock: Callable[[], float] = time.time,
         resolver: dns.asyncresolver.Resolver | None = None,
     ) -> None:
+        super().__init__("mailrelay-tlsrpt", log, "tlsrpt_pass_failed")
         self.config = config
         self.store = store
         self.metrics = metrics
@@ -76,29 +79,10 @@ class Reporter:
         self.who = report.identity(config)
         self._lock = asyncio.Lock()  # one pass at a time in this process
         self._pruned_at = -PRUNE_EVERY  # the first pass prunes
-        self._task: asyncio.Task[None] | None = None
 
-    async def start(self) -> None:
-        self._task = asyncio.create_task(self._loop(), name="mailrelay-tlsrpt")
-
-    async def stop(self) -> None:
-        # A pass cut short leaves its claimed deliveries to be tried again after LEASE.
-        if self._task is not None:
-            self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._task
-            self._task = None
-
-    async def _loop(self) -> None:
-        while True:
-            try:
-                await self.run_once()
-            except asyncio.CancelledError:
-                raise
-            except Exception:
-                # A store or DNS failure is logged and the next pass tries again.
-                log.exception("event=tlsrpt_pass_failed")
-            await asyncio.sleep(TICK)
+    async def _pass(self) -> float:
+        await self.run_once()
+        return TICK
 
     async def run_once(self, now: float | None = None, *, force: bool = False) -> Pass:
         """One pass: make the reports that are due, deliver what is due, note which mailed

@@ -10,7 +10,6 @@ same webhook-id, so that a receiver can drop the duplicate.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import random
 import time
@@ -21,6 +20,7 @@ import dns.asyncresolver
 
 from mailrelay.config import Config
 from mailrelay.metrics import Metrics
+from mailrelay.periodic import Periodic
 from mailrelay.resolver import make_resolver
 from mailrelay.store import Store
 from mailrelay.store import webhooks as outbox
@@ -59,7 +59,9 @@ class Pass:
     failed: int = 0
 
 
-class Dispatcher:
+class Dispatcher(Periodic):
+    retry_after = POLL
+
     def __init__(
         self,
         config: Config,
@@ -69,6 +71,7 @@ class Dispatcher:
         clock: Callable[[], float] = time.time,
         resolver: dns.asyncresolver.Resolver | None = None,
     ) -> None:
+        super().__init__("mailrelay-webhooks", log, "webhook_pass_failed")
         self.config = config
         self.store = store
         self.metrics = metrics
@@ -78,33 +81,11 @@ class Dispatcher:
         )
         self._lock = asyncio.Lock()  # one pass at a time in this process
         self._pruned_at = -PRUNE_EVERY
-        self._task: asyncio.Task[None] | None = None
 
-    async def start(self) -> None:
-        self._task = asyncio.create_task(self._loop(), name="mailrelay-webhooks")
-
-    async def stop(self) -> None:
-        # POSTs cut short stay claimed and go again when their lease runs out.
-        if self._task is not None:
-            self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._task
-            self._task = None
-
-    async def _loop(self) -> None:
-        while True:
-            wait = POLL
-            try:
-                await self.run_once()
-                due = await self.store.read(outbox.next_due)
-                if due is not None:
-                    wait = min(POLL, max(0.0, due - self.clock()))
-            except asyncio.CancelledError:
-                raise
-            except Exception:
-                # A store failure or a bug: logged, and the next pass tries again.
-                log.exception("event=webhook_pass_failed")
-            await asyncio.sleep(wait)
+    async def _pass(self) -> float:
+        await self.run_once()
+        due = await self.store.read(outbox.next_due)
+        return POLL if due is None else min(POLL, max(0.0, due - self.clock()))
 
     async def run_once(self, now: float | None = None) -> Pass:
         """Post every delivery that is due (AT_ONCE at a time), and settle each."""
