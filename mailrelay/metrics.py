@@ -320,9 +320,7 @@ class _Adopted(Collector):
 
 
 class _QueueCollector(Collector):
-    def __init__(
-        self, snapshot: Callable[[], tuple[dict[str, int], float | None] | None]
-    ) -> None:
+    def __init__(self, snapshot: Callable[[], tuple[dict[str, int], float | None] | None]) -> None:
         self._snapshot = snapshot
 
     def collect(self) -> list[GaugeMetricFamily]:

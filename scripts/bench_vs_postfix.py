@@ -229,6 +229,7 @@ class Run:
     driver_cpu: float = 0.0
     sink_cpu: float = 0.0
     sink_sessions: int = 0  # TLS sessions the sink accepted in the window
+    tree_cpu: list[tuple[str, float]] = field(default_factory=list)  # per root of the target
     wall: float = 0.0
     logged: list[str] = field(default_factory=list)  # warnings and errors the target logged
     failed: str = ""
@@ -262,6 +263,24 @@ class Run:
         )
 
 
+def tree_name(pid: int) -> str:
+    """What a target's process tree is, for the CPU split: the root's command name, or its only
+    child's when the root is a launcher (runuser starting postgres)."""
+
+    def comm(p: int | str) -> str:
+        try:
+            return Path(f"/proc/{p}/comm").read_text().strip()
+        except OSError:
+            return "?"
+
+    name = comm(pid)
+    with contextlib.suppress(OSError):
+        children = Path(f"/proc/{pid}/task/{pid}/children").read_text().split()
+        if name == "runuser" and len(children) == 1:
+            name = comm(children[0])
+    return f"{name}[{pid}]"
+
+
 def percentile(values: list[float], q: float) -> float | None:
     """Nearest-rank percentile."""
     if not values:
@@ -292,6 +311,9 @@ async def measure(
     flat = [i for mine in ids for i in mine]
     run.planned = len(flat)
     meter, sink_meter = Meter(endpoint.roots), Meter([sink.pid])
+    # Each root's tree on its own too: where the target's CPU goes (relay vs PostgreSQL).
+    trees = [(tree_name(root), Meter([root])) for root in endpoint.roots]
+    trees0 = [m.cpu_seconds() for _, m in trees]
     # Every process descends from PID 1. (Not /proc/stat's busy time: on a kernel with tick
     # based accounting that is sampled every tick and misses short bursts, while the times in
     # /proc/<pid>/stat add up to each task's exact run time.)
@@ -312,6 +334,10 @@ async def measure(
     meter.sample()
     if endpoint.roots:
         run.cpu = meter.cpu_seconds() - cpu0
+        run.tree_cpu = [
+            (name, m.cpu_seconds() - before)
+            for (name, m), before in zip(trees, trees0, strict=True)
+        ]
         run.peak_rss, run.peak_pss = meter.peak_rss, meter.peak_pss
         run.first_rss, run.first_pss = meter.first_rss, meter.first_pss
         run.peak_procs = meter.peak_procs
@@ -421,6 +447,9 @@ def report(runs: list[Run], args: argparse.Namespace, versions: str) -> str:
                 f"{r.driver_cpu:.2f} CPU s; sink {r.sink_cpu:.2f} CPU s, "
                 f"{r.sink_sessions} {tls} sessions{target}"
             )
+            if len(r.tree_cpu) > 1:
+                split = ", ".join(f"{name} {cpu:.2f}" for name, cpu in r.tree_cpu)
+                out.append(f"    target CPU s by process tree: {split}")
     for r in runs:
         problems = [f"FAILED: {r.failed}"] if r.failed else []
         problems += [f"{len(r.errors)} client errors, e.g. {r.errors[0]}"] if r.errors else []

@@ -13,6 +13,7 @@ import pytest
 
 from mailrelay import config as configmod
 from mailrelay.config import ConfigError
+from mailrelay.delivery.result import Evidence, Kind
 from mailrelay.store import claims, connect, queue
 from mailrelay.store.backend import Connection, dialect
 from mailrelay.store.listen import QueueListener
@@ -113,12 +114,50 @@ def test_recording_an_attempt_ends_the_claim(database: str) -> None:
         job.recipients[0].id, "r0@dest.example", "deferred", "4.4.1", "later", T0 + 60, ()
     )
     with transaction(conn):
-        claims.record(conn, job.message_id, [update], T0 + 1)
+        assert claims.record(conn, job.message_id, [update], T0 + 1, "relay-a") == []
     row = conn.execute("SELECT state, claimed_by, lease_until FROM recipients").fetchone()
     assert tuple(row) == ("deferred", None, None)
     # A deferred recipient is nobody's: a lease that would have run out takes nothing back.
     with transaction(conn):
         assert claims.recover_expired(conn, T0 + 2 * LEASE, "relay-b") == 0
+
+
+def test_a_record_after_the_lease_leaves_the_other_instances_claim_alone(database: str) -> None:
+    """relay-a's record arrives after its lease ran out and relay-b took the recipient back and
+    is delivering it: the attempt and its event are kept as history, the state is relay-b's."""
+    conn = connect(database)
+    _queue(conn, 1)
+    [mine] = _claim(conn, "relay-a", T0)
+    [theirs] = _claim(conn, "relay-b", T0 + LEASE + 1)
+    assert theirs.recipients[0].id == mine.recipients[0].id
+
+    def sent(job: claims.Job, mx: str) -> claims.RecipientUpdate:
+        evidence = Evidence(T0 + 5, Kind.SENT, mx, "127.0.0.9", "250 ok")
+        recipient = job.recipients[0]
+        return claims.RecipientUpdate(
+            recipient.id, recipient.address, "sent", "2.0.0", "250 ok", None, (evidence,)
+        )
+
+    with transaction(conn):
+        stale = claims.record(
+            conn, mine.message_id, [sent(mine, "mx-a")], T0 + LEASE + 2, "relay-a"
+        )
+    assert stale == [mine.recipients[0].id]
+    assert _holders(conn) == [("active", "relay-b")]
+    body = "SELECT data IS NULL FROM messages"
+    assert conn.execute(body).fetchone()[0] == 0  # relay-b still needs it
+    with transaction(conn):
+        done = claims.record(
+            conn, theirs.message_id, [sent(theirs, "mx-b")], T0 + LEASE + 3, "relay-b"
+        )
+    assert done == []
+    assert _holders(conn) == []  # sent: the queue is empty
+    assert conn.execute(body).fetchone()[0] == 1
+    attempts = conn.execute("SELECT mx_host FROM attempts ORDER BY id").fetchall()
+    assert [a[0] for a in attempts] == ["mx-a", "mx-b"]  # both happened, both are kept
+    events = conn.execute("SELECT event FROM events ORDER BY id").fetchall()
+    assert [e[0] for e in events] == ["QUEUED", "DELIVERED", "DELIVERED"]
+    conn.close()
 
 
 def test_instance_config() -> None:

@@ -281,7 +281,17 @@ class QueueRunner:
         suppression = self.config.suppression
 
         def commit(conn: Connection) -> str | None:
-            claims.record(conn, job.message_id, updates, now)
+            stale = claims.record(conn, job.message_id, updates, now, self.config.instance.id)
+            if stale:
+                log.warning(
+                    "event=record_after_lease queue_id=%s recipients=%d",
+                    job.message_id,
+                    len(stale),
+                )
+            if len(stale) == len(updates):
+                # Another instance took the job back after our lease ran out and owns what
+                # happens next: its outcome, not ours, makes the bounce and the webhooks.
+                return None
             if bounced and suppression.enabled:  # a hard bounce stops the sending domain
                 suppressions.add_from_bounces(conn, job, bounced, now, suppression.expiry)
             # TLS-RPT counts this attempt's sessions, in the same commit as their outcome. A

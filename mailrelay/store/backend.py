@@ -13,7 +13,8 @@ both (`ON CONFLICT ... DO NOTHING`) is.
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Iterator, Sequence
+import contextlib
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from typing import Any, Literal, Protocol
 
 Dialect = Literal["sqlite", "postgresql"]
@@ -62,6 +63,15 @@ def is_lost(conn: Connection) -> bool:
     """
     raw = getattr(conn, "raw", None)  # postgres.PgConnection's psycopg connection
     return raw is not None and bool(raw.broken or raw.closed)
+
+
+def batch(conn: Connection) -> contextlib.AbstractContextManager[None]:
+    """A block of statements whose results are read only after it: on PostgreSQL they go out
+    in one round trip (pipeline mode); on SQLite, in process, there is no trip to save."""
+    pipeline: Callable[[], contextlib.AbstractContextManager[None]] | None = getattr(
+        conn, "pipeline", None
+    )
+    return pipeline() if pipeline is not None else contextlib.nullcontext()
 
 
 def begin(conn: Connection) -> None:

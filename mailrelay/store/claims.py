@@ -20,7 +20,7 @@ from dataclasses import dataclass
 from typing import Any, Literal
 
 from mailrelay.delivery.result import Evidence
-from mailrelay.store.backend import Connection, dialect
+from mailrelay.store.backend import Connection, Cursor, batch, dialect
 from mailrelay.store.queue import EventName, add_event
 
 AttemptState = Literal["sent", "deferred", "bounced"]  # a recipient's state after an attempt
@@ -238,58 +238,90 @@ _EVENT: dict[str, EventName] = {
 }
 
 
-def record(conn: Connection, message_id: str, updates: list[RecipientUpdate], now: float) -> None:
-    """Record the runner's decisions and their evidence; drop the body once all are final."""
-    for u in updates:
-        conn.execute(
-            "UPDATE recipients SET state = ?, status = ?, reply = ?, claimed_at = NULL,"
-            " claimed_by = NULL, lease_until = NULL,"
-            " next_attempt_at = coalesce(?, next_attempt_at), updated_at = ? WHERE id = ?",
-            (u.state, u.status, u.diagnostic, u.next_attempt_at, now, u.recipient_id),
-        )
-        conn.executemany(
-            "INSERT INTO attempts (at, message_id, recipient, mx_host, mx_address, reply,"
-            " tls_protocol, tls_cipher, cert_fingerprint, cert_verified, policy, policy_detail,"
-            " verdict) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
-            [
-                (
-                    e.at,
-                    message_id,
-                    u.address,
-                    e.mx_host,
-                    e.mx_address,
-                    e.reply,
-                    e.tls_protocol,
-                    e.tls_cipher,
-                    e.cert_fingerprint,
-                    None if e.cert_verified is None else int(e.cert_verified),
-                    e.policy,
-                    e.policy_detail,
-                    e.kind.value,
-                )
-                for e in u.evidence
-            ],
-        )
-        last = u.evidence[-1] if u.evidence else None
-        add_event(
-            conn,
-            now,
-            message_id,
-            u.address,
-            _EVENT[u.state],
-            mx=last.mx_host if last else None,
-            reply=f"{u.status} {u.diagnostic}",
-            tls_protocol=last.tls_protocol if last else None,
-            tls_cipher=last.tls_cipher if last else None,
-            policy=last.policy if last else None,
-            policy_detail=last.policy_detail if last else None,
-        )
-    purge_if_done(conn, message_id)
+def record(
+    conn: Connection,
+    message_id: str,
+    updates: list[RecipientUpdate],
+    now: float,
+    holder: str | None = None,
+) -> list[int]:
+    """Record the runner's decisions and their evidence; drop the body once all are final.
+
+    Only a recipient still claimed by `holder` (the instance whose attempt this was) takes the
+    decision. One that another instance has taken back since (our lease ran out while the
+    database would not take our record, say) is that instance's now: its state is left alone,
+    so that it is never made due while the other delivers it, and its id is returned. Its
+    attempt and event are recorded all the same: they happened (an MX may have said 250).
+    """
+    with batch(conn):  # on PostgreSQL one round trip; the counts are read after it
+        taken = [_record_one(conn, message_id, u, now, holder or "") for u in updates]
+        purge_if_done(conn, message_id)
+    return [
+        u.recipient_id for u, cursor in zip(updates, taken, strict=True) if cursor.rowcount == 0
+    ]
+
+
+def _record_one(
+    conn: Connection, message_id: str, u: RecipientUpdate, now: float, holder: str
+) -> Cursor:
+    taken = conn.execute(
+        "UPDATE recipients SET state = ?, status = ?, reply = ?, claimed_at = NULL,"
+        " claimed_by = NULL, lease_until = NULL,"
+        " next_attempt_at = coalesce(?, next_attempt_at), updated_at = ?"
+        " WHERE id = ? AND state = 'active' AND coalesce(claimed_by, '') = ?",
+        (u.state, u.status, u.diagnostic, u.next_attempt_at, now, u.recipient_id, holder),
+    )
+    conn.executemany(
+        "INSERT INTO attempts (at, message_id, recipient, mx_host, mx_address, reply,"
+        " tls_protocol, tls_cipher, cert_fingerprint, cert_verified, policy, policy_detail,"
+        " verdict) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+        [
+            (
+                e.at,
+                message_id,
+                u.address,
+                e.mx_host,
+                e.mx_address,
+                e.reply,
+                e.tls_protocol,
+                e.tls_cipher,
+                e.cert_fingerprint,
+                None if e.cert_verified is None else int(e.cert_verified),
+                e.policy,
+                e.policy_detail,
+                e.kind.value,
+            )
+            for e in u.evidence
+        ],
+    )
+    last = u.evidence[-1] if u.evidence else None
+    add_event(
+        conn,
+        now,
+        message_id,
+        u.address,
+        _EVENT[u.state],
+        mx=last.mx_host if last else None,
+        reply=f"{u.status} {u.diagnostic}",
+        tls_protocol=last.tls_protocol if last else None,
+        tls_cipher=last.tls_cipher if last else None,
+        policy=last.policy if last else None,
+        policy_detail=last.policy_detail if last else None,
+    )
+    return taken
 
 
 def purge_if_done(conn: Connection, message_id: str) -> None:
     """Drop the body once every recipient is final: the queue keeps no personal data it no
     longer needs. Envelope, attempts and events stay as the delivery record."""
+    if dialect(conn) == "postgresql":
+        # The check and the update as one statement: one round trip to the server, not two.
+        conn.execute(
+            "UPDATE messages SET data = NULL WHERE id = ? AND NOT EXISTS (SELECT 1 FROM recipients"
+            " WHERE message_id = ? AND state NOT IN ('sent', 'bounced'))",
+            (message_id, message_id),
+        )
+        return
     pending = conn.execute(
         "SELECT count(*) FROM recipients WHERE message_id = ? AND state NOT IN ('sent', 'bounced')",
         (message_id,),

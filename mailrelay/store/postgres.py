@@ -9,7 +9,10 @@ again here): COMMIT returns once the WAL is flushed, which is what a 250 reply p
 
 from __future__ import annotations
 
+import contextlib
+import functools
 import re
+import select
 import sqlite3
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from typing import Any, Literal, TypeVar, overload
@@ -84,6 +87,9 @@ def _row_factory(cursor: Any) -> Callable[[Sequence[Any]], Row]:
 _TOKEN = re.compile(r"'(?:[^']|'')*'|\"(?:[^\"]|\"\")*\"|--[^\n]*|\?|%")
 
 
+# Cached: the store sends the same few hundred statement texts over and over, and the regex
+# pass costs more than the lookup. Bounded for the texts built with a varying `IN (?, ...)`.
+@functools.lru_cache(maxsize=1024)
 def translate(sql: str) -> str:
     """SQLite's `?` placeholders as psycopg's `%s`; a literal `%` doubled. Quoted strings,
     quoted names and comments keep their `?` (their `%` is doubled: psycopg reads the whole
@@ -144,11 +150,30 @@ class PgConnection:
 
     def executemany(self, sql: str, parameters: Iterable[Sequence[Any]], /) -> psycopg.Cursor[Any]:
         cursor = self.raw.cursor()
+        rows = [_adapt(p) for p in parameters]
         try:
-            cursor.executemany(translate(sql), [_adapt(p) for p in parameters])
+            if len(rows) == 1:
+                # psycopg runs executemany in pipeline mode, entered and synced for the one row
+                # a delivery's record mostly has: a plain execute is the same statement, cheaper.
+                cursor.execute(translate(sql), rows[0])
+            else:
+                cursor.executemany(translate(sql), rows)
         except psycopg.Error as exc:
             raise _as_sqlite_error(exc) from exc
         return cursor
+
+    @contextlib.contextmanager
+    def pipeline(self) -> Iterator[None]:
+        """The block's statements go out as they come and their results come back together
+        when it ends (psycopg's pipeline mode): one round trip for statements whose results
+        are read only after the block, not one each. A failing statement raises in the block,
+        at the latest as it ends, and the statements after it do nothing; the transaction is
+        then in error, as after any failed statement (the caller rolls back to its savepoint)."""
+        try:
+            with self.raw.pipeline():
+                yield
+        except psycopg.Error as exc:
+            raise _as_sqlite_error(exc) from exc
 
     @property
     def in_transaction(self) -> bool:
@@ -207,6 +232,22 @@ def open_readonly(url: str) -> PgConnection:
     return conn
 
 
+def _check_lent(conn: psycopg.Connection[Any]) -> None:
+    """The pool's check before it lends a connection: raise if it is dead, so that the pool
+    drops it and a read after a server restart or a terminated backend does not fail.
+
+    An idle connection's socket has nothing to read unless the server said something: when it
+    ends a backend (pg_terminate_backend, a shutdown, a crash) it sends the FATAL error and
+    closes the socket. Only then is the round trip of the usual check (an empty query) spent;
+    otherwise it would be one more round trip for every read, most of a read's cost here."""
+    if conn.closed or conn.broken:
+        raise psycopg.OperationalError("the connection is closed")
+    idle = select.poll()
+    idle.register(conn.fileno(), select.POLLIN)
+    if idle.poll(0):
+        psycopg_pool.ConnectionPool.check_connection(conn)
+
+
 class Pool:
     """Read connections for `Store.read`: several readers at once, each on its own
     connection, where SQLite shares one."""
@@ -217,7 +258,7 @@ class Pool:
             min_size=1,
             max_size=max_size,
             kwargs={"autocommit": True, "row_factory": _row_factory},
-            check=psycopg_pool.ConnectionPool.check_connection,
+            check=_check_lent,
             name="mailrelay-store-readers",
             open=False,
         )
