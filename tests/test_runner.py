@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import functools
+import logging
 import sqlite3
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
@@ -241,6 +242,49 @@ async def test_transient_past_lifetime_bounces_with_the_last_error(harness: Harn
     assert (
         row["reply"] == "message expired in the queue; last error: smtp; 451 4.3.0 Try again later"
     )
+
+
+async def test_an_outcome_recorded_after_another_instance_took_it_back_changes_nothing(
+    harness: Harness, caplog: pytest.LogCaptureFixture
+) -> None:
+    """While the MX answers, our lease runs out and another instance takes the recipient back
+    (our database connection was gone for longer than the lease margin, say). Our bounce then
+    makes no DSN and leaves the state to the instance that now holds it."""
+    bounced = Result(Kind.PERMANENT, "5.1.1", "smtp; 550 5.1.1 no such user")
+
+    async def taken_back_meanwhile(job: Job) -> list[Result]:
+        conn = connect(harness.path)
+        try:
+            later = harness.clock() + 3600
+            with queue.transaction(conn):
+                claims.recover_expired(conn, later, "relay-b")
+                [theirs] = claims.claim_due(conn, later, 10, "relay-b", later + 660)
+            assert theirs.message_id == job.message_id
+        finally:
+            conn.close()
+        return [bounced] * len(job.recipients)
+
+    courier = ScriptedCourier(taken_back_meanwhile)
+    await harness.start(courier)
+    with caplog.at_level(logging.WARNING, logger="mailrelay.delivery"):
+        queue_id = await harness.enqueue(message("bob@dest.example"))
+        await courier.called.wait()
+        async with asyncio.timeout(10):
+            while True:  # until the outcome is recorded
+                if any("record_after_lease" in r.getMessage() for r in caplog.records):
+                    break
+                await asyncio.sleep(0.02)
+    [row] = harness.recipients(queue_id)
+    assert row["state"] == "active"  # relay-b's
+    conn = connect(harness.path)
+    try:
+        assert [m["id"] for m in queue.list_queue(conn)] == [queue_id]  # no DSN was queued
+        attempts = conn.execute("SELECT verdict FROM attempts").fetchall()
+        assert [a[0] for a in attempts] == []  # the courier gave no evidence; nothing to keep
+        events = conn.execute("SELECT event FROM events ORDER BY id").fetchall()
+        assert [e[0] for e in events] == ["QUEUED", "HARD-BOUNCE"]
+    finally:
+        conn.close()
 
 
 async def test_one_hundred_recipients_are_one_claim(harness: Harness) -> None:
