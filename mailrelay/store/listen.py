@@ -1,11 +1,11 @@
 """New mail wakes every instance on one PostgreSQL database (issue 16): LISTEN/NOTIFY.
 
-The commit that queues a message also sends `NOTIFY mailrelay_queue` (queue.enqueue; PostgreSQL
-delivers it once the transaction commits, and not at all if it rolls back). Each instance with
-a delivery side listens on a connection of its own, in a thread, and sets its runner's wake
-event, so mail accepted by any instance starts at once on whichever is idle; the poll
-(delivery.poll_interval) stays only for what sends no notification (`queue retry`, retries
-coming due, leases running out).
+The commit that queues a message also notifies `mailrelay_queue` (queue.enqueue, and `queue
+retry`; PostgreSQL delivers it once the transaction commits, and not at all if it rolls back).
+Each instance with a delivery side listens on a connection of its own, in a thread, and sets
+its runner's wake event, so mail accepted by any instance starts at once on whichever is idle;
+the poll (delivery.poll_interval) stays only for what sends no notification (retries coming
+due, leases running out).
 """
 
 from __future__ import annotations

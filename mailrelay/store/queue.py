@@ -55,9 +55,6 @@ def enqueue(
     message_id = message_id or new_message_id()
     if dialect(conn) == "postgresql":
         _enqueue_postgresql(conn, message, now, message_id)
-        # Wakes every instance's runner once this commits (store/listen.py); one per
-        # transaction however many messages it queues.
-        conn.execute("NOTIFY mailrelay_queue")
         return message_id
     conn.execute(
         "INSERT INTO messages (id, sender, auth_user, client_ip, sender_domain, size, data,"
@@ -92,6 +89,8 @@ def enqueue(
 # each statement is a round trip to the server, and the writer's group commit waits on them.
 # The recipients keep their order (their ids, and their events', ascend with it); the foreign key
 # from recipients to messages is checked at the end of the statement, when the message is there.
+# `woke` notifies mailrelay_queue, which wakes every instance's runner once this commits
+# (store/listen.py); PostgreSQL sends one per transaction however many messages it queues.
 _ENQUEUE_POSTGRESQL = """
 WITH message AS (
     INSERT INTO messages (id, sender, auth_user, client_ip, sender_domain, size, data,
@@ -105,9 +104,11 @@ WITH message AS (
     INSERT INTO recipients (message_id, address, domain, state, next_attempt_at, updated_at)
     SELECT message.id, listed.address, listed.domain, 'queued', ?, ? FROM message, listed
     ORDER BY listed.n
+), woke AS (
+    SELECT pg_notify('mailrelay_queue', '')
 )
 INSERT INTO events (at, message_id, recipient, domain, event)
-SELECT ?, message.id, listed.address, listed.domain, 'QUEUED' FROM message, listed
+SELECT ?, message.id, listed.address, listed.domain, 'QUEUED' FROM message, listed, woke
 ORDER BY listed.n
 """
 

@@ -25,7 +25,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, TypeVar
 
-from mailrelay.store.backend import Connection, begin, is_lost, is_url
+from mailrelay.store.backend import Connection, begin, is_lost, is_url, together
 from mailrelay.store.db import connect
 
 if TYPE_CHECKING:
@@ -267,9 +267,8 @@ class Store:
         """Run the group in one transaction, each operation in its own SAVEPOINT (one that
         fails is rolled back alone and the others still commit), and COMMIT."""
         outcomes: list[tuple[_Operation, Any, BaseException | None]] = []
-        begin(conn)
-        for job in group:
-            conn.execute("SAVEPOINT op")
+        begin(conn, "SAVEPOINT op")
+        for n, job in enumerate(group, start=1):
             try:
                 result = job.op(conn)
             except Exception as exc:
@@ -280,12 +279,11 @@ class Store:
                 if may_retry and getattr(exc, "sqlstate", None) in _RACE_LOST:
                     raise _LostRace from exc
                 conn.execute("ROLLBACK TO op")
-                conn.execute("RELEASE op")
                 outcomes.append((job, None, exc))
             else:
-                conn.execute("RELEASE op")
                 outcomes.append((job, result, None))
-        conn.execute("COMMIT")
+            # Between two operations, or after the last: what fails here is the group's.
+            together(conn, "RELEASE op", "SAVEPOINT op" if n < len(group) else "COMMIT")
         self.commits += 1
         return outcomes
 
