@@ -56,7 +56,7 @@ class Api:
 
 
 def add_domain(cfg: Config, domain: str, *, dkim_key: bool = False) -> None:
-    conn = connect(cfg.storage.path)
+    conn = connect(cfg.storage.database)
     try:
         if dkim_key:
             onboarding.add(conn, cfg, domain, f"postmaster@{domain}")
@@ -70,7 +70,7 @@ def add_domain(cfg: Config, domain: str, *, dkim_key: bool = False) -> None:
 
 
 def add_key(cfg: Config, domain: str, scope: apikeys.Scope) -> tuple[str, str]:
-    conn = connect(cfg.storage.path)
+    conn = connect(cfg.storage.database)
     try:
         with transaction(conn):
             key, token = apikeys.add(conn, domain, scope, time.time())

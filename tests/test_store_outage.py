@@ -6,6 +6,7 @@ claimed stored."""
 from __future__ import annotations
 
 import asyncio
+import base64
 import dataclasses
 import sqlite3
 from collections.abc import Callable, Iterator
@@ -17,8 +18,9 @@ import pytest
 from mailrelay.store import Store, connect
 from mailrelay.store.backend import Connection
 from mailrelay.submission import replies
-from tests.conftest import Relay, RelayFactory, add_user, make_config, running_cluster
+from tests.conftest import PASSWORD, Relay, RelayFactory, add_user, make_config, running_cluster
 from tests.pg import Cluster
+from tests.test_api import TEXT_MESSAGE, start_api
 from tests.test_delivery import delivery_config, settled
 from tests.test_observability import key, scrape
 from tests.test_submission import MESSAGE, queued_id, send_raw
@@ -95,10 +97,13 @@ async def test_writes_fail_at_once_while_the_server_is_down_and_commit_once_it_i
     try:
         await store.write(_insert("before"))
         await asyncio.to_thread(own_cluster.shut_down)
-        # Down: each write is answered (an error, never a hang) and the store stays usable.
+        # Down: each write and read is answered (an error, never a hang), and the store stays
+        # usable.
         for n in range(3):
             with pytest.raises(sqlite3.OperationalError):
                 await asyncio.wait_for(store.write(_insert(f"down {n}")), HANG)
+        with pytest.raises(sqlite3.OperationalError):
+            await asyncio.wait_for(store.read(_notes), HANG)
         assert store.failure is None
         await asyncio.to_thread(own_cluster.launch)
         # Back: the writer's next attempt to connect succeeds (it backs off up to 5 s).
@@ -172,3 +177,70 @@ async def test_a_relay_keeps_serving_through_a_cut_connection_and_loses_nothing(
         assert samples[key("mailrelay_queue_oldest_age_seconds")] == 0
         assert not relay.service.failed.is_set()
         assert relay.service.store.failure is None
+
+
+async def test_the_api_answers_503_while_the_database_is_down(
+    tmp_path: Path, relay_factory: RelayFactory, own_cluster: Cluster
+) -> None:
+    api = await start_api(tmp_path, relay_factory, storage={"url": own_cluster.new_database()})
+    async with api.client() as client:
+        assert (await client.post("/v1/messages", json=TEXT_MESSAGE)).status_code == 202
+        await asyncio.to_thread(own_cluster.shut_down)
+        # A read (the key, then the log) and a write: each the same 503, telling when to come
+        # back; never a 500, never a hang.
+        for method, path, body in (
+            ("GET", "/v1/events", None),
+            ("POST", "/v1/messages", TEXT_MESSAGE),
+        ):
+            got = await client.request(method, path, json=body)
+            assert (got.status_code, got.headers["retry-after"]) == (503, "5"), got.text
+            assert got.json()["error"]["code"] == "unavailable"
+        await asyncio.to_thread(own_cluster.launch)
+        deadline = asyncio.get_running_loop().time() + HANG
+        while (got := await client.post("/v1/messages", json=TEXT_MESSAGE)).status_code != 202:
+            assert got.status_code == 503, got.text
+            assert asyncio.get_running_loop().time() < deadline, "the API never came back"
+            await asyncio.sleep(0.2)
+    assert len(api.stored()) == 2
+
+
+async def test_smtp_sessions_hear_4xx_while_the_database_is_down(
+    tmp_path: Path, relay_factory: RelayFactory, own_cluster: Cluster
+) -> None:
+    cfg = make_config(tmp_path, storage={"url": own_cluster.new_database()})
+    add_user(cfg, "alice@example.org")
+    relay = await relay_factory(cfg)
+    ready = await asyncio.to_thread(relay.session)  # logged in while the database was up
+    try:
+        await asyncio.to_thread(own_cluster.shut_down)
+
+        def log_in() -> tuple[int, bytes]:
+            client = relay.smtp()
+            try:
+                client.starttls(context=relay.client_context())
+                client.ehlo()
+                return client.docmd("AUTH", "PLAIN " + _plain("alice@example.org", PASSWORD))
+            finally:
+                client.close()
+
+        # AUTH: RFC 4954's temporary failure; MAIL in the logged-in session: the database's 451.
+        code, text = await asyncio.to_thread(log_in)
+        assert f"{code} {text.decode()}" == replies.AUTH_TEMPORARY_FAILURE
+        code, text = await asyncio.to_thread(ready.docmd, "MAIL", "FROM:<alice@example.org>")
+        assert f"{code} {text.decode()}" == replies.STORE_UNAVAILABLE
+        await asyncio.to_thread(own_cluster.launch)
+        deadline = asyncio.get_running_loop().time() + HANG
+        while True:
+            code, text = await asyncio.to_thread(ready.docmd, "MAIL", "FROM:<alice@example.org>")
+            if code == 250:
+                break
+            assert f"{code} {text.decode()}" == replies.STORE_UNAVAILABLE
+            assert asyncio.get_running_loop().time() < deadline, "the reads never came back"
+            await asyncio.sleep(0.2)
+    finally:
+        ready.close()
+    assert not relay.service.failed.is_set()
+
+
+def _plain(user: str, password: str) -> str:
+    return base64.b64encode(f"\0{user}\0{password}".encode()).decode()

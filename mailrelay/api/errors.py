@@ -7,6 +7,7 @@ so that a client needs one error reader.
 from __future__ import annotations
 
 import logging
+import sqlite3
 from collections.abc import Mapping
 from typing import TYPE_CHECKING, Any
 
@@ -17,6 +18,7 @@ from starlette.exceptions import HTTPException
 from starlette.requests import ClientDisconnect
 
 from mailrelay.dkim import MasterKeyError
+from mailrelay.store.writer import StoreClosed
 
 if TYPE_CHECKING:
     from mailrelay.store.suppressions import Suppression
@@ -117,6 +119,14 @@ def install(app: FastAPI) -> None:
         log.error("event=api_not_configured path=%s error=%r", request.url.path, str(exc))
         return response(503, "not_configured", str(exc))
 
+    async def unavailable(request: Request, exc: Exception) -> JSONResponse:
+        # The database cannot be read or written now (PostgreSQL restarting, SQLite's lock
+        # held past its timeout, a full disk): nothing was done, and trying again is right.
+        log.error("event=api_store_unavailable path=%s error=%r", request.url.path, str(exc))
+        return response(
+            503, "unavailable", "the database is unavailable; try again", None, {"Retry-After": "5"}
+        )
+
     async def disconnected(request: Request, exc: Exception) -> JSONResponse:
         # The client went away, or BodyLimit refused the body and answered already.
         return response(400, "bad_request", "the request body was not read to its end")
@@ -124,6 +134,8 @@ def install(app: FastAPI) -> None:
     app.add_exception_handler(Exception, internal_error)
     app.add_exception_handler(ClientDisconnect, disconnected)
     app.add_exception_handler(MasterKeyError, not_configured)
+    app.add_exception_handler(sqlite3.OperationalError, unavailable)
+    app.add_exception_handler(StoreClosed, unavailable)
     app.add_exception_handler(ApiError, api_error)
     app.add_exception_handler(HTTPException, http_error)
     app.add_exception_handler(RequestValidationError, validation_error)

@@ -248,6 +248,12 @@ def _check_lent(conn: psycopg.Connection[Any]) -> None:
         psycopg_pool.ConnectionPool.check_connection(conn)
 
 
+# How long a read waits for a connection of the pool: all 4 busy (reads take milliseconds, so
+# only an overload waits this long), or the server down: then the read fails, and a client
+# hears 4xx (SMTP) or 503 (the API) in seconds rather than wait on a database that is not there.
+WAIT_FOR_READER = 3.0
+
+
 class Pool:
     """Read connections for `Store.read`: several readers at once, each on its own
     connection, where SQLite shares one."""
@@ -267,8 +273,11 @@ class Pool:
         self._pool.open(wait=True, timeout=30.0)
 
     def run(self, op: Callable[[Connection], T]) -> T:
-        with self._pool.connection() as conn:
-            return op(PgConnection(conn, owned=False))
+        try:
+            with self._pool.connection(timeout=WAIT_FOR_READER) as conn:
+                return op(PgConnection(conn, owned=False))
+        except psycopg_pool.PoolTimeout as exc:  # no connection to be had: the server is down
+            raise _as_sqlite_error(exc) from exc
 
     def close(self) -> None:
         self._pool.close()

@@ -417,6 +417,10 @@ class SubmissionHandler:
     async def handle_exception(self, error: Exception) -> str:
         if isinstance(error, asyncio.CancelledError):
             raise error
+        if isinstance(error, (sqlite3.OperationalError, StoreClosed)):
+            # Not a bug: the database is away for now. Logged in a line, not a traceback.
+            log.error("event=store_unavailable error=%r", str(error))
+            return replies.STORE_UNAVAILABLE
         log.exception("event=session_error error=%r", type(error).__name__)
         return replies.INTERNAL_ERROR
 

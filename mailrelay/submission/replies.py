@@ -54,6 +54,8 @@ PRE_AUTH_TIMEOUT = "421 4.4.2 Not authenticated in time, closing connection"
 TIMEOUT = "421 4.4.2 Timeout exceeded, closing connection"
 DATA_TOO_SLOW = "421 4.4.2 Message data too slow, closing connection"
 INTERNAL_ERROR = "451 4.3.0 Internal error"
+# The store could not be read or written (PostgreSQL restarting, a full disk): nothing was taken.
+STORE_UNAVAILABLE = "451 4.3.0 Local error: the database is unavailable, try again later"
 
 # aiosmtpd's own wording, replaced by ours where the code itself should differ.
 _REPLACE = {
