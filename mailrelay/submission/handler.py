@@ -242,6 +242,8 @@ class SubmissionHandler:
                 return self.refuse(session, envelope, too_many, "mail", [], address)
         # What the user had queued when the transaction began: RCPT checks the quotas on it.
         envelope.usage = found.used
+        # Whom the user may send as, read once per transaction: DATA checks From: against it.
+        envelope.send_as = found.send_as
         envelope.mail_from = address
         envelope.mail_options.extend(options)
         # The queue id is chosen here, not at DATA, so that recipients refused during the
@@ -290,8 +292,9 @@ class SubmissionHandler:
         # Everything this message costs in CPU -- checks, header parsing, our headers, the DKIM
         # signature -- in one worker-thread call: the event loop goes on serving other sessions,
         # and OpenSSL signs with the GIL released.
+        send_as: senders.SendAs | None = getattr(envelope, "send_as", None)
         prepared = await asyncio.to_thread(
-            self._prepare, envelope.original_content, login, sender_domain, queue_id, now
+            self._prepare, envelope.original_content, login, sender_domain, queue_id, now, send_as
         )
         if isinstance(prepared, Refusal):
             return self._refuse_data(session, envelope, prepared.reply)
@@ -356,11 +359,20 @@ class SubmissionHandler:
         return replies.QUEUED.format(queue_id=queue_id)
 
     def _prepare(
-        self, data: bytes, login: str, sender_domain: str, queue_id: str, now: float
+        self,
+        data: bytes,
+        login: str,
+        sender_domain: str,
+        queue_id: str,
+        now: float,
+        send_as: senders.SendAs | None = None,
     ) -> Prepared | Refusal:
-        """The message as it will be queued, or why DATA is refused. Runs in a worker thread."""
+        """The message as it will be queued, or why DATA is refused. Runs in a worker thread.
+        `send_as`: what MAIL read for this transaction (else it is read now)."""
         principal = Principal(
-            send_as=lambda: self.store.read_blocking(lambda c: senders.send_as(c, login)),
+            send_as=lambda: (
+                send_as or self.store.read_blocking(lambda c: senders.send_as(c, login))
+            ),
             authentication_results=self.authentication_results_for(login)
             if self.authentication_results_for
             else None,
