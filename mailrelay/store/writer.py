@@ -243,7 +243,11 @@ class Store:
                 # the tie by failing ours. Retrying the one operation would wait again on what
                 # the group's earlier operations hold: the whole group goes again, once.
                 log.warning("event=store_group_retried reason=%r", str(lost.__cause__))
-                conn.execute("ROLLBACK")
+                try:
+                    conn.execute("ROLLBACK")
+                except sqlite3.Error as exc:  # the connection went meanwhile: `_run` sees it
+                    outcomes = [(job, None, exc) for job in group]
+                    break
                 continue
             except sqlite3.Error as exc:
                 # Disk full, I/O error, lock timeout, a lost connection: nothing of this group
