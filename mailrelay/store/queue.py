@@ -49,6 +49,28 @@ class NewMessage:
     tls_optional: bool = False  # a "TLS-Required: No" header, and no REQUIRETLS
 
 
+_INSERT_MESSAGE = (
+    "INSERT INTO messages (id, sender, auth_user, client_ip, sender_domain, size, data,"
+    " is_bounce, requiretls, tls_optional, created_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)"
+)
+
+
+def _message_row(message: NewMessage, message_id: str, now: float) -> tuple[object, ...]:
+    return (
+        message_id,
+        message.sender,
+        message.auth_user,
+        message.client_ip,
+        message.sender_domain,
+        len(message.data),
+        message.data,
+        int(message.is_bounce),
+        int(message.requiretls),
+        int(message.tls_optional),
+        now,
+    )
+
+
 def enqueue(
     conn: Connection, message: NewMessage, now: float, message_id: str | None = None
 ) -> str:
@@ -56,24 +78,7 @@ def enqueue(
     if dialect(conn) == "postgresql":
         _enqueue_postgresql(conn, message, now, message_id)
         return message_id
-    conn.execute(
-        "INSERT INTO messages (id, sender, auth_user, client_ip, sender_domain, size, data,"
-        " is_bounce, requiretls, tls_optional, created_at)"
-        " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
-        (
-            message_id,
-            message.sender,
-            message.auth_user,
-            message.client_ip,
-            message.sender_domain,
-            len(message.data),
-            message.data,
-            int(message.is_bounce),
-            int(message.requiretls),
-            int(message.tls_optional),
-            now,
-        ),
-    )
+    conn.execute(_INSERT_MESSAGE, _message_row(message, message_id, now))
     for address in unique_recipients(message.recipients):
         domain = address.rpartition("@")[2].lower()
         conn.execute(
@@ -91,11 +96,9 @@ def enqueue(
 # from recipients to messages is checked at the end of the statement, when the message is there.
 # `woke` notifies mailrelay_queue, which wakes every instance's runner once this commits
 # (store/listen.py); PostgreSQL sends one per transaction however many messages it queues.
-_ENQUEUE_POSTGRESQL = """
+_ENQUEUE_POSTGRESQL = f"""
 WITH message AS (
-    INSERT INTO messages (id, sender, auth_user, client_ip, sender_domain, size, data,
-        is_bounce, requiretls, tls_optional, created_at)
-    VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)
+    {_INSERT_MESSAGE}
     RETURNING id
 ), listed AS (
     SELECT address, domain, n
@@ -110,7 +113,7 @@ WITH message AS (
 INSERT INTO events (at, message_id, recipient, domain, event)
 SELECT ?, message.id, listed.address, listed.domain, 'QUEUED' FROM message, listed, woke
 ORDER BY listed.n
-"""
+"""  # noqa: S608 -- only this module's constant is put in
 
 
 def _enqueue_postgresql(conn: Connection, message: NewMessage, now: float, message_id: str) -> None:
@@ -118,24 +121,7 @@ def _enqueue_postgresql(conn: Connection, message: NewMessage, now: float, messa
     domains = [address.rpartition("@")[2].lower() for address in addresses]
     conn.execute(
         _ENQUEUE_POSTGRESQL,
-        (
-            message_id,
-            message.sender,
-            message.auth_user,
-            message.client_ip,
-            message.sender_domain,
-            len(message.data),
-            message.data,
-            int(message.is_bounce),
-            int(message.requiretls),
-            int(message.tls_optional),
-            now,
-            addresses,
-            domains,
-            now,
-            now,
-            now,
-        ),
+        (*_message_row(message, message_id, now), addresses, domains, now, now, now),
     )
 
 
