@@ -252,6 +252,7 @@ def _check_lent(conn: psycopg.Connection[Any]) -> None:
 # only an overload waits this long), or the server down: then the read fails, and a client
 # hears 4xx (SMTP) or 503 (the API) in seconds rather than wait on a database that is not there.
 WAIT_FOR_READER = 3.0
+RECONNECT_GIVE_UP = 5.0
 
 
 class Pool:
@@ -265,6 +266,11 @@ class Pool:
             max_size=max_size,
             kwargs={"autocommit": True, "row_factory": _row_factory},
             check=_check_lent,
+            # The pool's own reconnection backs off without a cap (1, 2, 4 ... s): after a
+            # minute's outage, reads would stay refused for another half minute or so while the
+            # writer was long back. Given up after a few seconds instead, the next read asks
+            # for a connection afresh, at once.
+            reconnect_timeout=RECONNECT_GIVE_UP,
             name="mailrelay-store-readers",
             open=False,
         )
